@@ -1,0 +1,71 @@
+"""secateurs: pruning and sparsity for PyTorch that proves what it buys.
+
+The public surface, re-exported here; everything else is internal::
+
+    import secateurs as sc
+    sc.prune_(model, sparsity=0.9)
+    print(sc.summary(model))
+    sc.make_permanent_(model)
+"""
+
+from secateurs.allocation import ALLOCATIONS, LAMP, Allocation, Global, LayerMap, Uniform
+from secateurs.budgets import BUDGETS, Budget, Params, Sparsity
+from secateurs.criteria import CRITERIA, OBD, Criterion, Magnitude, Random, Taylor
+from secateurs.errors import BudgetError, ConfigError, DataError, ModelError, SecateursError
+from secateurs.masks import (
+    apply_masks_,
+    collect_masks,
+    load_masked_state_dict_,
+    make_permanent_,
+)
+from secateurs.pruner import Pruner, compute_masks, prune_
+from secateurs.schedules import SCHEDULES, Gradual, Iterative, OneShot, Schedule
+from secateurs.structures import NM, STRUCTURES, Blocks, Channels, Elements, Structure
+from secateurs.targets import Target, find_targets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALLOCATIONS",
+    "BUDGETS",
+    "CRITERIA",
+    "LAMP",
+    "NM",
+    "OBD",
+    "SCHEDULES",
+    "STRUCTURES",
+    "Allocation",
+    "Blocks",
+    "Budget",
+    "BudgetError",
+    "Channels",
+    "ConfigError",
+    "Criterion",
+    "DataError",
+    "Elements",
+    "Global",
+    "Gradual",
+    "Iterative",
+    "LayerMap",
+    "Magnitude",
+    "ModelError",
+    "OneShot",
+    "Params",
+    "Pruner",
+    "Random",
+    "Schedule",
+    "SecateursError",
+    "Sparsity",
+    "Structure",
+    "Target",
+    "Taylor",
+    "Uniform",
+    "__version__",
+    "apply_masks_",
+    "collect_masks",
+    "compute_masks",
+    "find_targets",
+    "load_masked_state_dict_",
+    "make_permanent_",
+    "prune_",
+]

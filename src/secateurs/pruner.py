@@ -1,0 +1,269 @@
+"""The pruner: a plan (structure, criterion, allocation, budget, schedule) applied to a model.
+
+Data flows one way: the plan and the model's current weights decide masks; masks are computed
+for every target before any is attached, so an error leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from secateurs.allocation import ALLOCATIONS, Allocation, Global, check_sparsity, select_lowest
+from secateurs.budgets import BUDGETS, Budget, Sparsity
+from secateurs.calibration import LossFn, calibrate
+from secateurs.criteria import CRITERIA, Criterion, Magnitude
+from secateurs.errors import ConfigError
+from secateurs.masks import set_mask
+from secateurs.registry import to_spec
+from secateurs.schedules import SCHEDULES, OneShot, Schedule
+from secateurs.structures import STRUCTURES, Elements, GroupScores, Structure
+from secateurs.targets import Selector, Target, find_targets
+
+#: Pools up to this many elements keep their group scores between selection passes.
+_CACHE_LIMIT = 1 << 25
+
+Spec = str | Mapping[str, Any]
+
+
+def compute_masks(
+    targets: Sequence[Target],
+    sparsity: float,
+    *,
+    structure: Structure,
+    criterion: Criterion,
+    allocation: Allocation,
+    stats: Mapping[str, Mapping[str, Tensor]] | None = None,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """Keep-masks (bool, shaped like each tensor) that prune ``targets`` to ``sparsity``.
+
+    Already-pruned groups stay pruned: the obtained sparsity is never below the current one.
+    """
+    for t in targets:
+        structure.check(t)
+    out: dict[str, Tensor] = {}
+    for pool in allocation.pools(targets, sparsity):
+        s = check_sparsity(pool.sparsity)
+        if s < structure.min_sparsity() - 1e-9:
+            raise ConfigError(
+                f"{type(structure).__name__} always prunes at least {structure.min_sparsity():.4g}"
+                f" of each tensor; asked {s:.4g}"
+            )
+        members = [targets[i] for i in pool.members]
+        total = sum(t.numel for t in members)
+        already = sum(int((~t.mask).sum()) for t in members if t.mask is not None)
+        k = max(round(s * total), already)
+        fns = [_score_fn(t, structure, criterion, allocation, stats, seed, total) for t in members]
+        for t, prune in zip(members, select_lowest(fns, k), strict=True):
+            out[t.name] = structure.expand(prune.logical_not_(), t)
+    return out
+
+
+def _score_fn(
+    target: Target,
+    structure: Structure,
+    criterion: Criterion,
+    allocation: Allocation,
+    stats: Mapping[str, Mapping[str, Tensor]] | None,
+    seed: int,
+    pool_size: int,
+) -> Callable[[], GroupScores]:
+    def compute() -> GroupScores:
+        with torch.no_grad():
+            scores = criterion.scores(target, None if stats is None else stats[target.name], seed)
+            groups = structure.group_scores(scores.cpu(), target, _cpu(target.mask))
+            return allocation.transform(groups)
+
+    if pool_size > _CACHE_LIMIT:
+        return compute
+    cached = compute()
+    return lambda: cached
+
+
+def _cpu(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.cpu()
+
+
+def _nonzeros(target: Target) -> int:
+    """Nonzeros of the effective tensor ``raw * mask``, without materialising it."""
+    with torch.no_grad():
+        mask = target.mask
+        raw = target.raw
+        return int(torch.count_nonzero(raw if mask is None else raw[mask]))
+
+
+@dataclass
+class PruneEvent:
+    """One pruning event: when, the sparsity asked, and the sparsity measured afterwards."""
+
+    step: int
+    target: float
+    measured: float
+
+
+@dataclass
+class Pruner:
+    """Prunes ``model`` according to a plan, one-shot or on a schedule inside a training loop.
+
+    Typical use::
+
+        pruner = sc.Pruner(model, sparsity=0.95, schedule=sc.Gradual(end=10_000, every=100))
+        for batch in loader:
+            ...; optimizer.step(); pruner.step()
+        sc.make_permanent_(model)
+
+    Every method argument accepts an object, a registry name (``criterion="obd"``) or a
+    mapping ``{"name": ..., **options}``. ``sparsity`` is shorthand for ``Sparsity(sparsity)``;
+    with an N:M structure and neither given, the sparsity is the pattern's ``1 - n/m``.
+    Data-driven criteria (Taylor, OBD) need ``data`` (an iterable of ``(inputs, labels)``) and
+    ``loss_fn``; they are calibrated on ``calibration_batches`` batches at each pruning event.
+    """
+
+    model: nn.Module
+    sparsity: float | None = None
+    budget: Budget | Spec | None = None
+    structure: Structure | Spec | None = None
+    criterion: Criterion | Spec | None = None
+    allocation: Allocation | Spec | None = None
+    schedule: Schedule | Spec | None = None
+    include: Sequence[Selector] | None = None
+    exclude: Sequence[Selector] | None = None
+    params: Sequence[str] | None = None
+    data: Iterable[Any] | None = None
+    loss_fn: LossFn | None = None
+    calibration_batches: int = 16
+    seed: int = 0
+    steps_done: int = field(default=0, init=False)
+    history: list[PruneEvent] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.structure_ = STRUCTURES.build(self.structure or Elements())
+        self.criterion_ = CRITERIA.build(self.criterion or Magnitude())
+        self.allocation_ = ALLOCATIONS.build(self.allocation or Global())
+        self.schedule_ = SCHEDULES.build(self.schedule or OneShot())
+        if self.sparsity is not None and self.budget is not None:
+            raise ConfigError("give either sparsity= or budget=, not both")
+        budget: Budget | Spec | None = self.budget
+        if budget is None and self.sparsity is not None:
+            budget = Sparsity(self.sparsity)
+        if budget is None:
+            floor = self.structure_.min_sparsity()
+            if floor == 0:
+                raise ConfigError(
+                    "no target given: pass sparsity=<fraction in [0, 1)> or "
+                    "budget=sc.Sparsity(...)/sc.Params(...)"
+                )
+            budget = Sparsity(floor)
+        self.budget_ = BUDGETS.build(budget)
+        self.targets = find_targets(self.model, self.include, self.exclude, self.params)
+        for t in self.targets:
+            self.structure_.check(t)
+        self.final_sparsity = self.budget_.target_sparsity(self.model, self.targets)
+        floor = self.structure_.min_sparsity()
+        if self.final_sparsity < floor - 1e-9:
+            raise ConfigError(
+                f"{type(self.structure_).__name__} prunes at least {floor:.4g} of each tensor; "
+                f"the budget asks for {self.final_sparsity:.4g}"
+            )
+        if self.criterion_.needs_data and self.data is None:
+            raise ConfigError(
+                f"criterion {type(self.criterion_).__name__} needs calibration data: pass "
+                "data=<DataLoader of (inputs, labels)> and loss_fn=<callable(output, labels)>"
+            )
+
+    # -- driving -------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Advance the schedule by one step; prune if it says so. Returns True if it pruned."""
+        target = self.schedule_.sparsity_at(self.steps_done, self.final_sparsity)
+        pruned = False
+        if target is not None:
+            self.prune_to(max(target, self.structure_.min_sparsity()))
+            pruned = True
+        self.steps_done += 1
+        return pruned
+
+    @property
+    def done(self) -> bool:
+        """True once the schedule has no pruning event left."""
+        return self.steps_done > self.schedule_.last_step()
+
+    def prune_to(self, sparsity: float) -> dict[str, Tensor]:
+        """Prune the targets to ``sparsity`` now (never un-pruning anything); return the masks."""
+        sparsity = check_sparsity(sparsity)
+        stats = None
+        if self.criterion_.needs_data:
+            assert self.data is not None
+            stats = calibrate(
+                self.model,
+                self.targets,
+                self.criterion_,
+                self.data,
+                self.loss_fn,
+                self.calibration_batches,
+            )
+        new_masks = compute_masks(
+            self.targets,
+            sparsity,
+            structure=self.structure_,
+            criterion=self.criterion_,
+            allocation=self.allocation_,
+            stats=stats,
+            seed=self.seed + len(self.history),
+        )
+        for t in self.targets:
+            set_mask(t.module, t.attr, new_masks[t.name])
+        self.history.append(PruneEvent(self.steps_done, sparsity, self.measured_sparsity()))
+        return new_masks
+
+    def measured_sparsity(self) -> float:
+        """Fraction of zeros in the targeted tensors, counted from the weights themselves."""
+        total = sum(t.numel for t in self.targets)
+        return (total - sum(_nonzeros(t) for t in self.targets)) / total
+
+    def plan(self) -> dict[str, Any]:
+        """The plan as plain data (names and options), e.g. for a report."""
+        return {
+            "structure": to_spec(self.structure_),
+            "criterion": to_spec(self.criterion_),
+            "allocation": to_spec(self.allocation_),
+            "schedule": to_spec(self.schedule_),
+            "budget": to_spec(self.budget_),
+            "final_sparsity": self.final_sparsity,
+            "targets": [t.name for t in self.targets],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps_done": self.steps_done}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.steps_done = int(state["steps_done"])
+
+
+def prune_(
+    model: nn.Module,
+    sparsity: float | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Prune ``model`` once, in place, and return it (masks stay attached).
+
+    ``sc.prune_(model, sparsity=0.9)`` is global magnitude pruning of every Linear/Conv/
+    Embedding/attention weight. Options are those of :class:`Pruner` (``structure``,
+    ``criterion``, ``allocation``, ``budget``, ``include``, ``exclude``, ``params``, ``data``,
+    ``loss_fn``, ``calibration_batches``, ``seed``). Call :func:`make_permanent_` to bake the masks in.
+    """
+    if "schedule" in options:
+        raise ConfigError("prune_ is one-shot; use sc.Pruner(..., schedule=...) for schedules")
+    pruner = Pruner(model, sparsity, **options)
+    masked = any(t.mask is not None for t in pruner.targets)
+    if masked and pruner.final_sparsity + 1e-6 < (current := pruner.measured_sparsity()):
+        raise ConfigError(
+            f"the selected tensors already have sparsity {current:.4f}, above the {pruner.final_sparsity:.4f} "
+            "asked; pruning never regrows weights. Start from the dense model, or ask for more."
+        )
+    pruner.prune_to(pruner.final_sparsity)
+    return model

@@ -1,0 +1,95 @@
+"""Name -> class registries, one per axis of a pruning plan.
+
+A recipe says ``criterion: obd``; the registry turns that name into the class. Users register
+their own methods with the same decorator. Registries hold classes, never instances, so no
+mutable state is shared between pruning runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
+
+from secateurs.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A named collection of method classes for one axis (structure, criterion, ...)."""
+
+    def __init__(self, axis: str) -> None:
+        self.axis = axis
+        self._classes: dict[str, type[T]] = {}
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        """Class decorator: make ``cls`` available under ``name``."""
+
+        def add(cls: type[T]) -> type[T]:
+            if name in self._classes and self._classes[name] is not cls:
+                raise ConfigError(f"{self.axis} name {name!r} is already registered")
+            self._classes[name] = cls
+            cls.registry_name = name  # type: ignore[attr-defined]
+            return cls
+
+        return add
+
+    def get(self, name: str) -> type[T]:
+        try:
+            return self._classes[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown {self.axis} {name!r}; allowed: {', '.join(sorted(self._classes))}"
+            ) from None
+
+    def build(self, spec: str | Mapping[str, Any] | T) -> T:
+        """Build an instance from a name, ``{"name": ..., **options}``, or pass one through."""
+        if isinstance(spec, str):
+            return self.get(spec)()
+        if isinstance(spec, Mapping):
+            options = dict(spec)
+            name = options.pop("name", None)
+            if not isinstance(name, str):
+                raise ConfigError(
+                    f"a {self.axis} given as a mapping needs a 'name' key; got {dict(spec)!r}"
+                )
+            cls = self.get(name)
+            return build_dataclass(cls, options, where=f"{self.axis} {name!r}")
+        return spec
+
+    def names(self) -> list[str]:
+        return list(self._classes)
+
+    def items(self) -> Iterator[tuple[str, type[T]]]:
+        return iter(self._classes.items())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._classes
+
+
+def build_dataclass(cls: type[T], options: Mapping[str, Any], where: str) -> T:
+    """Instantiate dataclass ``cls`` from ``options``, naming any unknown or bad key."""
+    if dataclasses.is_dataclass(cls):
+        allowed = [f.name for f in dataclasses.fields(cls) if f.init]
+        unknown = [k for k in options if k not in allowed]
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown option(s) {', '.join(map(repr, unknown))}; "
+                f"allowed: {', '.join(allowed) or '(none)'}"
+            )
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def to_spec(obj: Any) -> dict[str, Any]:
+    """The inverse of :meth:`Registry.build`: ``{"name": ..., **fields}`` for a method object."""
+    spec: dict[str, Any] = {"name": getattr(type(obj), "registry_name", type(obj).__name__)}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            if f.init:
+                value = getattr(obj, f.name)
+                spec[f.name] = list(value) if isinstance(value, tuple) else value
+    return spec

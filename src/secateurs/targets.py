@@ -1,0 +1,200 @@
+"""Which tensors of a model are pruned.
+
+A :class:`Target` is one prunable tensor (``features.0.weight``). By default the weights of the
+layers that carry almost all parameters and compute are targets: Linear, Conv1d/2d/3d (grouped
+and depthwise included), ConvTranspose1d/2d/3d, Embedding and MultiheadAttention's input and
+output projections. ``include`` / ``exclude`` select by regular expression over qualified module
+or tensor names, or by module type; ``params`` adds any other named parameter by pattern.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from secateurs.errors import ConfigError, ModelError
+from secateurs.masks import get_mask, raw_parameter
+
+#: Module types whose listed tensors are pruned by default.
+DEFAULT_TARGETS: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.Linear: ("weight",),
+    nn.Conv1d: ("weight",),
+    nn.Conv2d: ("weight",),
+    nn.Conv3d: ("weight",),
+    nn.ConvTranspose1d: ("weight",),
+    nn.ConvTranspose2d: ("weight",),
+    nn.ConvTranspose3d: ("weight",),
+    nn.Embedding: ("weight",),
+    nn.MultiheadAttention: ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
+}
+
+Selector = str | type[nn.Module]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One prunable tensor of a model."""
+
+    name: str  #: qualified tensor name, e.g. ``"features.0.weight"``
+    module_name: str  #: qualified module name, e.g. ``"features.0"``
+    module: nn.Module
+    attr: str  #: attribute on the module, e.g. ``"weight"``
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective (masked) tensor."""
+        value = getattr(self.module, self.attr)
+        assert isinstance(value, Tensor)
+        return value
+
+    @property
+    def raw(self) -> nn.Parameter:
+        """The trainable tensor behind the mask."""
+        return raw_parameter(self.module, self.attr)
+
+    @property
+    def mask(self) -> Tensor | None:
+        return get_mask(self.module, self.attr)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.raw.shape)
+
+    @property
+    def numel(self) -> int:
+        return self.raw.numel()
+
+    @property
+    def transposed(self) -> bool:
+        """True when dim 0 of the tensor is the input side (ConvTranspose stores [in, out, ...])."""
+        return isinstance(self.module, nn.modules.conv._ConvTransposeNd)
+
+
+def _matches(selector: Selector, module_name: str, tensor_name: str, module: nn.Module) -> bool:
+    if isinstance(selector, type):
+        return isinstance(module, selector)
+    return bool(re.fullmatch(selector, module_name) or re.fullmatch(selector, tensor_name))
+
+
+def _compile(selectors: Iterable[Selector], what: str) -> list[Selector]:
+    out: list[Selector] = []
+    for s in selectors:
+        if isinstance(s, str):
+            try:
+                re.compile(s)
+            except re.error as exc:
+                raise ConfigError(
+                    f"{what} pattern {s!r} is not a valid regular expression: {exc}"
+                ) from None
+        elif not (isinstance(s, type) and issubclass(s, nn.Module)):
+            raise ConfigError(
+                f"{what} entries must be regex strings or nn.Module subclasses; got {s!r}"
+            )
+        out.append(s)
+    return out
+
+
+def find_targets(
+    model: nn.Module,
+    include: Sequence[Selector] | None = None,
+    exclude: Sequence[Selector] | None = None,
+    params: Sequence[str] | None = None,
+) -> list[Target]:
+    """The tensors of ``model`` to prune, in module order.
+
+    ``include``: only default-target layers matching one of these (regex over the module or
+    tensor name, or a module type). ``exclude``: drop matches. ``params``: regexes over tensor
+    names adding any other parameter (a bias, a bare ``nn.Parameter``). Every pattern must
+    match something, otherwise the error names it: a typo must not silently prune nothing.
+    """
+    include_s = _compile(include or [], "include")
+    exclude_s = _compile(exclude or [], "exclude")
+    params_s = _compile(params or [], "params")
+    used: set[tuple[str, int]] = set()
+    targets: list[Target] = []
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        attrs = set(_default_attrs(module))
+        own = _own_tensor_names(module)
+        candidates = [a for a in own if a in attrs or params_s] + [a for a in attrs if a not in own]
+        for attr in candidates:
+            tensor_name = f"{module_name}.{attr}" if module_name else attr
+            raw = raw_parameter(module, attr)
+            if id(raw) in seen:
+                continue
+            chosen = False
+            if attr in attrs:
+                chosen = True
+                if include_s:
+                    hits = [
+                        i
+                        for i, s in enumerate(include_s)
+                        if _matches(s, module_name, tensor_name, module)
+                    ]
+                    used.update(("inc", i) for i in hits)
+                    chosen = bool(hits)
+            for i, s in enumerate(params_s):
+                if isinstance(s, str) and re.fullmatch(s, tensor_name):
+                    used.add(("par", i))
+                    chosen = True
+            if not chosen:
+                continue
+            hits_ex = [
+                i for i, s in enumerate(exclude_s) if _matches(s, module_name, tensor_name, module)
+            ]
+            if hits_ex:
+                used.update(("exc", i) for i in hits_ex)
+                continue
+            seen.add(id(raw))
+            targets.append(Target(tensor_name, module_name, module, attr))
+    for kind, selectors in (("inc", include_s), ("exc", exclude_s), ("par", params_s)):
+        for i, s in enumerate(selectors):
+            if (kind, i) not in used:
+                label = {"inc": "include", "exc": "exclude", "par": "params"}[kind]
+                raise ConfigError(
+                    f"{label} pattern {_describe(s)} matches no prunable layer of "
+                    f"{type(model).__name__}; prunable: {_preview(model)}"
+                )
+    if not targets:
+        raise ModelError(
+            f"{type(model).__name__} has nothing to prune: no Linear, Conv, ConvTranspose, "
+            "Embedding or MultiheadAttention weights were selected. Use params=[regex] to name "
+            "other parameters, or loosen include/exclude."
+        )
+    return targets
+
+
+def _default_attrs(module: nn.Module) -> list[str]:
+    for cls, attrs in DEFAULT_TARGETS.items():
+        if isinstance(module, cls):
+            return [a for a in attrs if _has_tensor(module, a)]
+    return []
+
+
+def _has_tensor(module: nn.Module, attr: str) -> bool:
+    return isinstance(getattr(module, attr, None), Tensor)
+
+
+def _own_tensor_names(module: nn.Module) -> list[str]:
+    names = [n for n, _ in module.named_parameters(recurse=False)]
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None:
+        names += list(parametrizations.keys())
+    return names
+
+
+def _describe(selector: Selector) -> str:
+    return selector.__name__ if isinstance(selector, type) else repr(selector)
+
+
+def _preview(model: nn.Module, limit: int = 8) -> str:
+    names = [
+        f"{m}.{a}" if m else a for m, mod in model.named_modules() for a in _default_attrs(mod)
+    ]
+    if not names:
+        return "(none)"
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
