@@ -1,0 +1,329 @@
+"""Run a recipe end to end: data, model, dense training (or a checkpoint), pruning during
+fine-tuning, measurement of both models, export and report.
+
+The library never prints: progress goes through :class:`Progress` callbacks, which the CLI turns
+into progress bars.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from secateurs import __version__
+from secateurs.data import DataBundle, load_dataset
+from secateurs.errors import ConfigError, ModelError
+from secateurs.masks import make_permanent_
+from secateurs.metrics import evaluate, measure_latency, profile
+from secateurs.pruner import Pruner
+from secateurs.recipe import Recipe, schedule_in_steps
+from secateurs.report import RunReport, write_report
+from secateurs.train import TrainConfig, train
+from secateurs.zoo import build_model
+
+MODEL_FILE = "model.safetensors"
+DENSE_FILE = "dense.safetensors"
+META_FILE = "model.json"
+
+
+@dataclass
+class Progress:
+    """Callbacks a front end uses to show what is happening (all optional)."""
+
+    phase: Callable[[str, int], None] = lambda name, total: None  #: a phase starts, ``total`` steps
+    advance: Callable[[int, int], None] = lambda done, total: None  #: steps done in the phase
+    message: Callable[[str], None] = lambda text: None  #: a line worth showing
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` produced."""
+
+    report: RunReport
+    model: nn.Module
+    out_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def versions() -> dict[str, str]:
+    return {
+        "secateurs": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def save_checkpoint(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
+    """Save a plain (mask-free) state dict as safetensors, with metadata beside it."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def load_checkpoint(path: str | Path, model: nn.Module) -> nn.Module:
+    """Load a safetensors state dict strictly into ``model`` (no code is executed)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"checkpoint {str(p)!r} does not exist")
+    try:
+        state = load_file(str(p))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelError(
+            f"checkpoint {str(p)!r} is not a readable safetensors file: {exc}"
+        ) from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ModelError(
+            f"checkpoint {str(p)!r} does not fit {type(model).__name__}: {first}"
+        ) from None
+    return model
+
+
+def load_model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model described by ``<checkpoint>.json`` and load the weights."""
+    p = Path(path)
+    meta_path = p.with_suffix(".json")
+    if not meta_path.is_file():
+        raise ConfigError(
+            f"{str(meta_path)!r} is missing: secateurs needs the metadata file written beside "
+            "the checkpoint to know which architecture to rebuild"
+        )
+    meta = json.loads(meta_path.read_text())
+    model = build_model(
+        meta["model"],
+        num_classes=meta["num_classes"],
+        in_channels=meta["in_channels"],
+        **meta.get("model_options", {}),
+    )
+    return load_checkpoint(p, model), meta
+
+
+def _measure(
+    model: nn.Module,
+    test_loader: DataLoader[Any],
+    example: Tensor,
+    latency: bool,
+    file_bytes: int | None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Accuracy, size, MACs and latency of ``model``; returns (metrics, per-layer stats)."""
+    ev = evaluate(model, test_loader)
+    stats = profile(model, example).to_dict()
+    totals = stats["totals"]
+    out: dict[str, Any] = {
+        "accuracy": ev.accuracy,
+        "loss": ev.loss,
+        "per_class_accuracy": list(ev.per_class_accuracy),
+        "params": totals["params"],
+        "nonzeros": totals["nonzeros"],
+        "macs": totals["macs"],
+        "macs_nonzero": totals["macs_nonzero"],
+        "bytes_dense": totals["bytes_dense"],
+        "bytes_csr": totals["bytes_csr"],
+        "file_bytes": file_bytes,
+        "latency_ms": None,
+        "latency_batch64_ms": None,
+    }
+    if latency:
+        out["latency_ms"] = measure_latency(model, example[:1]).median_ms
+        batch = example[:1].expand(64, *example.shape[1:]).contiguous()
+        out["latency_batch64_ms"] = measure_latency(model, batch, repeats=10).median_ms
+    return out, stats["layers"]
+
+
+def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
+    """Execute ``recipe``; returns the report, the pruned model and where files went."""
+    progress = progress or Progress()
+    t_start = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    out_dir = recipe.out_dir()
+
+    bundle = _load_data(recipe)
+    model = build_model(
+        recipe.model.name,
+        num_classes=bundle.num_classes,
+        in_channels=bundle.input_shape[0],
+        seed=recipe.seed,
+        **recipe.model.options,
+    )
+    train_loader, test_loader = bundle.loaders(recipe.data.batch_size, seed=recipe.seed)
+    steps_per_epoch = len(train_loader)
+    example = next(iter(test_loader))[0][:64]
+    calib = DataLoader(
+        bundle.calibration_split(recipe.data.calibration_examples, seed=recipe.seed),
+        batch_size=recipe.data.batch_size,
+    )
+
+    # Build the pruner first so a bad plan fails before any training.
+    p = recipe.prune
+    pruner = Pruner(
+        model,
+        p.sparsity,
+        budget=p.budget,
+        structure=p.structure,
+        criterion=p.criterion,
+        allocation=p.allocation,
+        schedule=schedule_in_steps(p.schedule, steps_per_epoch),
+        include=p.include or None,
+        exclude=p.exclude or None,
+        params=p.params or None,
+        data=calib,
+        loss_fn=nn.functional.cross_entropy,
+        calibration_batches=p.calibration_batches,
+        seed=recipe.seed,
+    )
+    ft_steps = recipe.finetune.epochs * steps_per_epoch
+    last = pruner.schedule_.last_step()
+    if last > ft_steps:
+        raise ConfigError(
+            f"the pruning schedule's last event is at step {last} but fine-tuning has only "
+            f"{ft_steps} steps ({recipe.finetune.epochs} epochs x {steps_per_epoch}); raise "
+            "'finetune.epochs' or end the schedule earlier"
+        )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_cfg = TrainConfig(
+        epochs=recipe.train.epochs,
+        lr=recipe.train.lr,
+        optimizer=recipe.train.optimizer,
+        momentum=recipe.train.momentum,
+        weight_decay=recipe.train.weight_decay,
+        batch_size=recipe.data.batch_size,
+        seed=recipe.seed,
+    )
+    meta = {
+        "model": recipe.model.name,
+        "model_options": recipe.model.options,
+        "num_classes": bundle.num_classes,
+        "in_channels": bundle.input_shape[0],
+        "input_shape": list(bundle.input_shape),
+        "dataset": bundle.name,
+        "recipe": recipe.to_dict(),
+        "versions": versions(),
+    }
+    t_dense = time.perf_counter()
+    if recipe.model.checkpoint:
+        load_checkpoint(recipe.model.checkpoint, model)
+        progress.message(f"loaded dense weights from {recipe.model.checkpoint}")
+    elif recipe.train.epochs:
+        progress.phase(f"training dense {recipe.model.name}", train_cfg.epochs * steps_per_epoch)
+        train(model, train_loader, train_cfg, progress=progress.advance)
+    dense_seconds = time.perf_counter() - t_dense
+    dense_path = out_dir / DENSE_FILE
+    save_checkpoint(model, dense_path, {**meta, "pruned": False})
+    dense, _ = _measure(
+        model, test_loader, example, recipe.output.latency, dense_path.stat().st_size
+    )
+    progress.message(f"dense accuracy {dense['accuracy']:.2%}")
+
+    trajectory: list[dict[str, Any]] = [
+        {
+            "epoch": 0,
+            "step": 0,
+            "sparsity": pruner.measured_sparsity(),
+            "accuracy": dense["accuracy"],
+        }
+    ]
+    t_prune = time.perf_counter()
+    pruner.step()  # step 0: one-shot schedules prune before fine-tuning starts
+    ft_cfg = TrainConfig(
+        epochs=recipe.finetune.epochs,
+        lr=recipe.finetune.lr if recipe.finetune.lr is not None else recipe.train.lr * 0.1,
+        optimizer=recipe.finetune.optimizer,
+        momentum=recipe.finetune.momentum,
+        weight_decay=recipe.finetune.weight_decay,
+        batch_size=recipe.data.batch_size,
+        seed=recipe.seed + 1,
+    )
+
+    def on_epoch_end(epoch: int, loss: float) -> None:
+        point: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": pruner.steps_done,
+            "sparsity": pruner.measured_sparsity(),
+            "train_loss": loss,
+        }
+        if recipe.output.eval_every_epoch:
+            point["accuracy"] = evaluate(model, test_loader).accuracy
+        trajectory.append(point)
+        progress.message(
+            f"epoch {epoch + 1}: sparsity {point['sparsity']:.2%}"
+            + (f", accuracy {point['accuracy']:.2%}" if "accuracy" in point else "")
+        )
+
+    if ft_cfg.epochs:
+        progress.phase("pruning and fine-tuning", ft_steps)
+        train(
+            model,
+            train_loader,
+            ft_cfg,
+            on_step=lambda _: pruner.step(),
+            on_epoch_end=on_epoch_end,
+            progress=progress.advance,
+        )
+    prune_seconds = time.perf_counter() - t_prune
+    plan = pruner.plan()
+    history = [e.__dict__ for e in pruner.history]
+    make_permanent_(model)
+
+    model_path = out_dir / MODEL_FILE
+    save_checkpoint(model, model_path, {**meta, "pruned": True, "plan": plan})
+    pruned, layers = _measure(
+        model, test_loader, example, recipe.output.latency, model_path.stat().st_size
+    )
+    if len(trajectory) == 1 or "accuracy" not in trajectory[-1]:
+        trajectory.append(
+            {
+                "epoch": ft_cfg.epochs,
+                "step": pruner.steps_done,
+                "sparsity": pruner.measured_sparsity(),
+                "accuracy": pruned["accuracy"],
+            }
+        )
+    report = RunReport(
+        title=recipe.name,
+        model=recipe.model.name,
+        dataset=bundle.name,
+        config={"recipe": recipe.to_dict(), "plan": plan},
+        versions=versions(),
+        dense=dense,
+        pruned=pruned,
+        layers=layers,
+        trajectory=trajectory,
+        class_names=list(bundle.class_names),
+        extra={
+            "prune_events": history,
+            "seconds": {
+                "dense": dense_seconds,
+                "prune_and_finetune": prune_seconds,
+                "total": time.perf_counter() - t_start,
+            },
+        },
+    )
+    files = {"model": model_path, "dense": dense_path}
+    if recipe.output.report:
+        files.update(write_report(report, out_dir))
+    return RunResult(report=report, model=model, out_dir=out_dir, files=files)
+
+
+def _load_data(recipe: Recipe) -> DataBundle:
+    options: dict[str, Any] = {}
+    if recipe.data.root:
+        options["root"] = recipe.data.root
+    bundle = load_dataset(recipe.data.name, **options)
+    if recipe.data.limit_train or recipe.data.limit_test:
+        bundle = bundle.subset(
+            recipe.data.limit_train or len(bundle.train), recipe.data.limit_test or len(bundle.test)
+        )
+    return bundle

@@ -1,0 +1,288 @@
+"""Recipes: a whole pipeline (model, data, train or load, prune, fine-tune, export, report) as YAML.
+
+A recipe is parsed into plain dataclasses and validated completely before any work starts: an
+unknown key or a bad value is a :class:`ConfigError` that names the key path, the value and what
+is allowed. Method names resolve through the registries, so ``criterion: obd`` or
+``structure: {name: nm, n: 2, m: 4}`` work and user-registered methods too. In a recipe, schedule
+times (``start``, ``end``, ``every``) are counted in epochs of the fine-tuning phase; fractions
+are allowed and are converted to optimizer steps when the data set's size is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from secateurs.allocation import ALLOCATIONS
+from secateurs.budgets import BUDGETS
+from secateurs.criteria import CRITERIA
+from secateurs.errors import ConfigError
+from secateurs.registry import Registry
+from secateurs.schedules import SCHEDULES
+from secateurs.structures import STRUCTURES
+
+MethodSpec = str | dict[str, Any]
+
+
+@dataclass
+class ModelSection:
+    """Which network: a zoo name (``lenet-5``) or ``torchvision:<name>``."""
+
+    name: str = "lenet-5"
+    #: A ``.safetensors`` state dict to start from instead of training the dense model.
+    checkpoint: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSection:
+    """Which data set, where, and how it is batched."""
+
+    name: str = "fashion-mnist"
+    root: str | None = None
+    batch_size: int = 128
+    #: Use only the first N training / test examples (quick runs); null = all.
+    limit_train: int | None = None
+    limit_test: int | None = None
+    #: Held-out training examples used by data-driven criteria.
+    calibration_examples: int = 2048
+
+
+@dataclass
+class TrainSection:
+    """Dense training before pruning (skipped when ``model.checkpoint`` is set)."""
+
+    epochs: int = 10
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class PruneSection:
+    """The plan: what to prune, how much, by which criterion and allocation, when."""
+
+    sparsity: float | None = None
+    budget: MethodSpec | None = None
+    structure: MethodSpec = "elements"
+    criterion: MethodSpec = "magnitude"
+    allocation: MethodSpec = "global"
+    schedule: MethodSpec = "oneshot"
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    params: list[str] = field(default_factory=list)
+    calibration_batches: int = 16
+
+
+@dataclass
+class FinetuneSection:
+    """Recovery training during and after pruning; ``lr`` null = a tenth of training's."""
+
+    epochs: int = 5
+    lr: float | None = None
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class OutputSection:
+    """Where results go, and what is measured."""
+
+    dir: str = "runs/{name}"
+    report: bool = True
+    latency: bool = True
+    #: Evaluate on the test set after every fine-tuning epoch (the accuracy/sparsity curve).
+    eval_every_epoch: bool = True
+
+
+@dataclass
+class Recipe:
+    """A complete, validated pipeline description."""
+
+    name: str = "run"
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    prune: PruneSection = field(default_factory=PruneSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def out_dir(self) -> Path:
+        return Path(self.output.dir.format(name=self.name))
+
+
+_METHOD_FIELDS: dict[str, Registry[Any]] = {
+    "prune.budget": BUDGETS,
+    "prune.structure": STRUCTURES,
+    "prune.criterion": CRITERIA,
+    "prune.allocation": ALLOCATIONS,
+    "prune.schedule": SCHEDULES,
+}
+_EPOCH_KEYS = ("start", "end", "every", "at")
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if origin is not None:
+        return isinstance(value, origin)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _describe_type(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "").replace("NoneType", "null")
+
+
+def _build_section(cls: type[Any], raw: Any, path: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"recipe key {path!r} must be a mapping; got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in allowed:
+            raise ConfigError(
+                f"unknown recipe key {where!r}; allowed under {path or 'the top level'!r}: "
+                f"{', '.join(allowed)}"
+            )
+        annotation = hints[key]
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+            values[key] = _build_section(annotation, value, where)
+            continue
+        if not _type_ok(value, annotation):
+            raise ConfigError(
+                f"recipe key {where!r} has value {value!r}; expected {_describe_type(annotation)}"
+            )
+        values[key] = value
+    return cls(**values)
+
+
+def _check_method(path: str, registry: Registry[Any], spec: Any) -> None:
+    try:
+        if isinstance(spec, Mapping) and registry is SCHEDULES:
+            options = {k: v for k, v in spec.items() if k not in _EPOCH_KEYS}
+            obj = registry.build(options)
+            # epoch-valued keys are checked when converted to steps; check names here
+            allowed = (
+                {f.name for f in dataclasses.fields(obj)}
+                if dataclasses.is_dataclass(obj)
+                else set()
+            )
+            bad = [k for k in spec if k in _EPOCH_KEYS and k not in allowed]
+            if bad:
+                raise ConfigError(f"unknown option(s) {bad} for schedule {spec.get('name')!r}")
+        else:
+            registry.build(spec)
+    except ConfigError as exc:
+        raise ConfigError(f"recipe key {path!r}: {exc}") from None
+
+
+def _positive(path: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"recipe key {path!r} has value {value!r}; must be {bound}")
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Check values that types alone cannot (ranges, method names and options)."""
+    for path, registry in _METHOD_FIELDS.items():
+        section, key = path.split(".")
+        spec = getattr(getattr(recipe, section), key)
+        if spec is not None:
+            _check_method(path, registry, spec)
+    p = recipe.prune
+    if p.sparsity is not None and not 0 <= p.sparsity < 1:
+        raise ConfigError(
+            f"recipe key 'prune.sparsity' has value {p.sparsity!r}; must be in [0, 1)"
+        )
+    if p.sparsity is not None and p.budget is not None:
+        raise ConfigError("recipe keys 'prune.sparsity' and 'prune.budget' exclude each other")
+    for path, value, zero_ok in (
+        ("data.batch_size", recipe.data.batch_size, False),
+        ("data.limit_train", recipe.data.limit_train, False),
+        ("data.limit_test", recipe.data.limit_test, False),
+        ("data.calibration_examples", recipe.data.calibration_examples, False),
+        ("train.epochs", recipe.train.epochs, True),
+        ("train.lr", recipe.train.lr, False),
+        ("finetune.epochs", recipe.finetune.epochs, True),
+        ("finetune.lr", recipe.finetune.lr, False),
+        ("prune.calibration_batches", p.calibration_batches, False),
+    ):
+        _positive(path, value, zero_ok)
+    for path, name in (
+        ("train.optimizer", recipe.train.optimizer),
+        ("finetune.optimizer", recipe.finetune.optimizer),
+    ):
+        if name not in ("sgd", "adamw"):
+            raise ConfigError(f"recipe key {path!r} has value {name!r}; allowed: sgd, adamw")
+    return recipe
+
+
+def parse(raw: Any, source: str = "recipe") -> Recipe:
+    """Build and validate a :class:`Recipe` from already-loaded YAML/JSON data."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            f"{source} must be a YAML mapping at the top level; got {type(raw).__name__}"
+        )
+    return validate(_build_section(Recipe, raw, ""))
+
+
+def load(path: str | Path) -> Recipe:
+    """Read and validate a recipe file (YAML; JSON is YAML too)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe file {str(p)!r} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe file {str(p)!r} is not valid YAML: {exc}") from None
+    return parse(raw, source=f"recipe file {str(p)!r}")
+
+
+def dump(recipe: Recipe) -> str:
+    """The recipe as YAML (round-trips through :func:`parse`)."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def schedule_in_steps(spec: MethodSpec, steps_per_epoch: int) -> MethodSpec:
+    """Convert a recipe schedule's epoch-valued times to optimizer steps."""
+    if isinstance(spec, str):
+        return spec
+    out = dict(spec)
+    for key in _EPOCH_KEYS:
+        if key in out:
+            value = out[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(
+                    f"recipe key 'prune.schedule.{key}' has value {value!r}; expected a number of epochs"
+                )
+            steps = round(value * steps_per_epoch)
+            out[key] = max(steps, 1) if key == "every" else steps
+    return out

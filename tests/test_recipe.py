@@ -1,0 +1,84 @@
+"""Recipes: parsing, round-trip, and errors that name the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from secateurs import recipe
+from secateurs.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_round_trip_through_yaml() -> None:
+    r = recipe.Recipe()
+    again = recipe.parse(yaml.safe_load(recipe.dump(r)))
+    assert again == r
+
+
+def test_method_specs_as_names_and_mappings() -> None:
+    r = recipe.parse(
+        {
+            "prune": {
+                "structure": {"name": "nm", "n": 2, "m": 4},
+                "criterion": "obd",
+                "allocation": {"name": "layer_map", "ratios": {"fc.*": 0.5}},
+                "schedule": {"name": "gradual", "start": 0, "end": 2.5, "every": 0.5},
+            }
+        }
+    )
+    assert r.prune.criterion == "obd"
+    steps = recipe.schedule_in_steps(r.prune.schedule, steps_per_epoch=100)
+    assert steps == {"name": "gradual", "start": 0, "end": 250, "every": 50}
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        ({"prune": {"sparsty": 0.9}}, ["prune.sparsty", "sparsity"]),
+        ({"modle": {}}, ["modle", "model"]),
+        ({"prune": {"sparsity": 1.5}}, ["prune.sparsity", "1.5", "[0, 1)"]),
+        ({"prune": {"sparsity": "high"}}, ["prune.sparsity", "high"]),
+        ({"prune": {"criterion": "magnitud"}}, ["prune.criterion", "magnitud", "magnitude"]),
+        ({"prune": {"structure": {"name": "nm", "n": 4, "m": 4}}}, ["prune.structure", "n=4"]),
+        ({"prune": {"structure": {"name": "nm", "k": 4}}}, ["prune.structure", "'k'"]),
+        ({"prune": {"schedule": {"name": "oneshot", "every": 3}}}, ["prune.schedule", "every"]),
+        ({"train": {"epochs": -1}}, ["train.epochs", "-1"]),
+        ({"train": {"optimizer": "lbfgs"}}, ["train.optimizer", "lbfgs", "sgd"]),
+        ({"data": {"batch_size": 0}}, ["data.batch_size", "0"]),
+        ({"prune": {"sparsity": 0.5, "budget": {"name": "params", "keep": 10}}}, ["budget"]),
+        ({"model": "lenet-5"}, ["model", "mapping"]),
+        (["not", "a", "mapping"], ["mapping"]),
+    ],
+)
+def test_bad_recipes_name_key_value_and_allowed(raw: object, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        recipe.parse(raw)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_missing_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        recipe.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prune: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        recipe.load(bad)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_recipes_are_valid(path: Path) -> None:
+    recipe.load(path)
+
+
+def test_embedded_demo_recipe_is_valid() -> None:
+    recipe.load(REPO / "src" / "secateurs" / "recipes" / "demo.yaml")
+
+
+def test_schedule_epochs_must_be_numbers() -> None:
+    with pytest.raises(ConfigError, match="epochs"):
+        recipe.schedule_in_steps({"name": "gradual", "end": "soon"}, 10)
