@@ -28,7 +28,10 @@ def linear_with(weight: list[list[float]]) -> nn.Sequential:
 def test_magnitude_prunes_smallest_absolute_values() -> None:
     model = linear_with([[-5.0, 0.1, 3.0, -0.2], [0.05, -4.0, 0.3, 2.0]])
     sc.prune_(model, 0.5)
-    assert (model[0].weight != 0).tolist() == [[True, False, True, False], [False, True, False, True]]
+    assert (model[0].weight != 0).tolist() == [
+        [True, False, True, False],
+        [False, True, False, True],
+    ]
 
 
 @pytest.mark.parametrize(("p", "pruned_row"), [(1, 1), (2, 0)])
@@ -242,7 +245,10 @@ def empty_loader() -> DataLoader[Any]:
         ({"data": empty_loader(), "loss_fn": nn.functional.mse_loss}, sc.DataError, "empty"),
         ({"data": [torch.randn(4, 3)], "loss_fn": nn.functional.mse_loss}, sc.DataError, "Tensor"),
         (
-            {"data": [(torch.full((4, 3), float("nan")), torch.randn(4, 2))], "loss_fn": nn.functional.mse_loss},
+            {
+                "data": [(torch.full((4, 3), float("nan")), torch.randn(4, 2))],
+                "loss_fn": nn.functional.mse_loss,
+            },
             sc.DataError,
             "nan",
         ),
@@ -252,7 +258,15 @@ def empty_loader() -> DataLoader[Any]:
             "0",
         ),
     ],
-    ids=["no_data", "no_loss_fn", "empty_list", "empty_loader", "not_pairs", "nan_loss", "zero_batches"],
+    ids=[
+        "no_data",
+        "no_loss_fn",
+        "empty_list",
+        "empty_loader",
+        "not_pairs",
+        "nan_loss",
+        "zero_batches",
+    ],
 )
 def test_data_criterion_errors_leave_the_model_untouched(
     name: str, options: dict[str, Any], error: type[Exception], needle: str

@@ -41,7 +41,14 @@ def reference(layers: list[GroupScores], k: int) -> list[Tensor]:
 
 
 def run(layers: list[GroupScores], k: int) -> list[Tensor]:
-    return select_lowest([lambda g=g: g for g in layers], k)
+    """Select through the radix path and the sort path; both must agree."""
+    fns = [lambda g=g: g for g in layers]
+    with mock.patch.object(select, "SORT_LIMIT", -1):
+        radix = select_lowest(fns, k)
+    by_sort = select_lowest(fns, k)
+    for a, b in zip(radix, by_sort, strict=True):
+        assert torch.equal(a, b), (a, b)
+    return radix
 
 
 SPECIAL = [-INF, -1e30, -3.5, -1.0, -1e-30, 0.0, 1e-40, 0.5, 1.0, 2.0, 3.0e38]
@@ -167,9 +174,7 @@ def test_nan_or_positive_inf_scores_are_a_model_error(bad: float) -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(
-    st.lists(
-        st.floats(width=32, allow_nan=False).map(lambda x: x + 0.0), min_size=2, max_size=30
-    )
+    st.lists(st.floats(width=32, allow_nan=False).map(lambda x: x + 0.0), min_size=2, max_size=30)
 )
 def test_ordered_keys_preserve_float_order(values: list[float]) -> None:
     scores = torch.tensor(values, dtype=torch.float32)

@@ -210,7 +210,7 @@ def test_nm_below_the_pattern_is_a_config_error(n: int, m: int, s: float) -> Non
 def test_nm_layer_sparsity_below_the_pattern_is_a_config_error_and_untouched() -> None:
     model = divisible()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(sc.ConfigError, match="0.3"):
+    with pytest.raises(sc.ConfigError, match=r"0\.3"):
         sc.prune_(
             model, 0.6, structure=sc.NM(2, 4), allocation=sc.LayerMap({"up": 0.3}, default=0.6)
         )
@@ -260,7 +260,17 @@ def test_elements_on_a_one_dimensional_parameter() -> None:
         lambda: sc.Blocks((1.5, 2)),
         lambda: sc.Channels(dim=2),
     ],
-    ids=["nm4:4", "nm5:4", "nm0:4", "nm_float", "nm_bool", "blocks0", "blocks3d", "blocks_float", "ch2"],
+    ids=[
+        "nm4:4",
+        "nm5:4",
+        "nm0:4",
+        "nm_float",
+        "nm_bool",
+        "blocks0",
+        "blocks3d",
+        "blocks_float",
+        "ch2",
+    ],
 )
 def test_bad_structure_options_are_config_errors(make: object) -> None:
     with pytest.raises(sc.ConfigError):

@@ -40,7 +40,7 @@ def calibrate(
         raise ConfigError(f"calibration batches must be >= 1; got {max_batches}")
     stats: dict[str, dict[str, Tensor]] = {t.name: {} for t in targets}
     params = [t.raw for t in targets]
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     seen = 0
     try:
@@ -61,7 +61,8 @@ def calibrate(
                 )
             seen += 1
     finally:
-        model.train(was_training)
+        for module, mode in modes.items():
+            module.training = mode
     if seen == 0:
         raise DataError("calibration data is empty: the loader yielded no batch")
     return stats

@@ -158,7 +158,9 @@ def load_masked_state_dict_(model: nn.Module, state_dict: Mapping[str, Tensor]) 
     suffix = ".0.mask"
     found: dict[str, Tensor] = {}
     for key, value in state_dict.items():
-        if key.endswith(suffix) and ".parametrizations." in key:
+        if key.endswith(suffix) and (
+            ".parametrizations." in key or key.startswith("parametrizations.")
+        ):
             module_name, _, rest = key.partition(".parametrizations.")
             if key.startswith("parametrizations."):
                 module_name, rest = "", key[len("parametrizations.") :]

@@ -46,7 +46,7 @@ class Registry(Generic[T]):
     def build(self, spec: str | Mapping[str, Any] | T) -> T:
         """Build an instance from a name, ``{"name": ..., **options}``, or pass one through."""
         if isinstance(spec, str):
-            return self.get(spec)()
+            return build_dataclass(self.get(spec), {}, where=f"{self.axis} {spec!r}")
         if isinstance(spec, Mapping):
             options = dict(spec)
             name = options.pop("name", None)

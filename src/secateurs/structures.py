@@ -64,6 +64,10 @@ class Structure(ABC):
         """The smallest sparsity this structure can produce (N:M forces ``1 - N/M``)."""
         return 0.0
 
+    def largest_group(self, target: Target) -> int:
+        """Elements in the largest group of ``target`` (the rounding unit of its sparsity)."""
+        return 1
+
     def check(self, target: Target) -> None:  # noqa: B027 - most structures fit any tensor
         """Raise :class:`ModelError` when ``target`` cannot take this structure."""
 
@@ -181,6 +185,10 @@ class Blocks(Structure):
 
     def block_shape(self, target: Target) -> tuple[int, int]:
         return self.shape
+
+    def largest_group(self, target: Target) -> int:
+        _, _, b0, b1, rest = self._layout(target)
+        return b0 * b1 * rest
 
     def _layout(self, target: Target) -> tuple[int, int, int, int, int]:
         c_shape = canonical(torch.empty(target.shape, device="meta"), target.transposed).shape

@@ -22,6 +22,8 @@ from secateurs.structures import GroupScores
 
 CHUNK = 1 << 20
 _BINS = 1 << 16
+#: Pools with at most this many groups are cut with one stable sort (same result, less work).
+SORT_LIMIT = 1 << 20
 
 ScoreFn = Callable[[], GroupScores]
 
@@ -39,13 +41,16 @@ class _Workspace:
     """
 
     def __init__(self, size: int) -> None:
+        self._plus_zero = torch.empty(size, dtype=torch.float32)
         self._keys = torch.empty(size, dtype=torch.int32)
         self._tmp = torch.empty(size, dtype=torch.int32)
         self._flag = torch.empty(size, dtype=torch.bool)
 
     def keys(self, scores: Tensor) -> Tensor:
         n = scores.numel()
-        bits, keys, tmp = scores.contiguous().view(torch.int32), self._keys[:n], self._tmp[:n]
+        # adding +0.0 turns -0.0 into +0.0, which must tie with it (its bits differ)
+        plus_zero = torch.add(scores, 0.0, out=self._plus_zero[:n])
+        bits, keys, tmp = plus_zero.view(torch.int32), self._keys[:n], self._tmp[:n]
         # negative floats: flip the 31 magnitude bits so that a larger magnitude sorts lower
         torch.bitwise_right_shift(bits, 31, out=tmp)
         tmp.bitwise_and_(0x7FFFFFFF)
@@ -91,6 +96,21 @@ def _histogram(fns: Sequence[ScoreFn]) -> Tensor:
     return hist
 
 
+def _select_by_sort(fns: Sequence[ScoreFn], counts: list[int], k: int) -> list[Tensor]:
+    """The same cut as the radix path, by one stable sort of every score (small pools)."""
+    groups = [fn() for fn in fns]
+    for g in groups:
+        _check_scores(g.scores)
+    scores = torch.cat([g.scores.reshape(-1) + 0.0 for g in groups])
+    sizes = torch.cat([_sizes(g, torch.arange(g.scores.numel())) for g in groups])
+    order = torch.argsort(scores, stable=True)
+    cuts = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(sizes[order], 0)])
+    take = int(torch.argmin((cuts - k).abs()))
+    prune = torch.zeros(scores.numel(), dtype=torch.bool)
+    prune[order[:take]] = True
+    return list(prune.split(counts))
+
+
 def select_lowest(fns: Sequence[ScoreFn], k: int) -> list[Tensor]:
     """Bool "prune" vectors over each layer's groups, pruning the ``k`` lowest-scoring elements.
 
@@ -100,6 +120,9 @@ def select_lowest(fns: Sequence[ScoreFn], k: int) -> list[Tensor]:
     """
     if k <= 0:
         return [torch.zeros(fn().scores.numel(), dtype=torch.bool) for fn in fns]
+    counts = [fn().scores.numel() for fn in fns]
+    if sum(counts) <= SORT_LIMIT:
+        return _select_by_sort(fns, counts, k)
     cum = torch.cumsum(_histogram(fns), 0)
     bucket = min(
         int(torch.searchsorted(cum, torch.tensor([float(k)], dtype=torch.float64))), _BINS - 1
