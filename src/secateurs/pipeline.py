@@ -119,7 +119,7 @@ def _measure(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Accuracy, size, MACs and latency of ``model``; returns (metrics, per-layer stats)."""
     ev = evaluate(model, test_loader)
-    stats = profile(model, example).to_dict()
+    stats = profile(model, example[:1]).to_dict()  # MACs per example
     totals = stats["totals"]
     out: dict[str, Any] = {
         "accuracy": ev.accuracy,

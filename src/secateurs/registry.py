@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 from secateurs.errors import ConfigError
 
 T = TypeVar("T")
+C = TypeVar("C")
 
 
 class Registry(Generic[T]):
@@ -21,12 +22,12 @@ class Registry(Generic[T]):
 
     def __init__(self, axis: str) -> None:
         self.axis = axis
-        self._classes: dict[str, type[T]] = {}
+        self._classes: dict[str, Any] = {}
 
-    def register(self, name: str) -> Callable[[type[T]], type[T]]:
-        """Class decorator: make ``cls`` available under ``name``."""
+    def register(self, name: str) -> Callable[[C], C]:
+        """Decorator: make a class (or a factory function) available under ``name``."""
 
-        def add(cls: type[T]) -> type[T]:
+        def add(cls: C) -> C:
             if name in self._classes and self._classes[name] is not cls:
                 raise ConfigError(f"{self.axis} name {name!r} is already registered")
             self._classes[name] = cls
@@ -37,7 +38,8 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> type[T]:
         try:
-            return self._classes[name]
+            found: type[T] = self._classes[name]
+            return found
         except KeyError:
             raise ConfigError(
                 f"unknown {self.axis} {name!r}; allowed: {', '.join(sorted(self._classes))}"
