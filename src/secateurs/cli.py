@@ -24,7 +24,6 @@ from rich.table import Table
 from secateurs.errors import SecateursError
 
 console = Console()
-err_console = Console(stderr=True)
 
 
 def _axes() -> dict[str, Any]:
@@ -283,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except SecateursError as exc:
-        console.print(
+        Console(file=sys.stderr).print(
             f"[bold red]secateurs: error:[/bold red] {exc}", highlight=False, soft_wrap=True
         )
         return 2

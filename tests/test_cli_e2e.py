@@ -1,0 +1,102 @@
+"""The command line and the end-to-end pipeline, on synthetic and on real Fashion-MNIST."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from secateurs import cli, data
+from secateurs.zoo import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> int:
+    return cli.main(list(args))
+
+
+def test_methods_json_lists_every_axis(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("methods", "--json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    names = {(r["axis"], r["name"]) for r in rows}
+    for pair in [
+        ("structure", "nm"),
+        ("criterion", "obd"),
+        ("allocation", "lamp"),
+        ("schedule", "gradual"),
+        ("budget", "params"),
+    ]:
+        assert pair in names
+    assert run_cli("methods") == 0
+    assert "gradual" in capsys.readouterr().out
+
+
+def test_bad_recipe_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("prune: {sparsity: 1.2}\n")
+    assert run_cli("run", str(recipe)) == 2
+    err = capsys.readouterr().err
+    assert "prune.sparsity" in err and "1.2" in err
+    assert run_cli("run", str(tmp_path / "missing.yaml")) == 2
+    assert run_cli("summary", str(tmp_path / "missing.safetensors")) == 2
+
+
+def test_run_synthetic_recipe_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code = run_cli("run", str(REPO / "recipes" / "quick-synthetic.yaml"), "--out", str(out),
+                   "--set", "data.limit_train=512", "--set", "data.limit_test=128")  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruned"]["nonzeros"] < report["dense"]["nonzeros"]
+    # the checkpoint is a plain state dict that loads strictly into the original class
+    state = load_file(str(out / "model.safetensors"))
+    model = build_model("lenet-5")
+    model.load_state_dict(state, strict=True)
+    weights = [
+        m.weight for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    # 80% of the weights in 1x4 blocks: within one block of rounding per layer
+    assert abs(zeros / sum(w.numel() for w in weights) - 0.8) < 0.01
+    assert run_cli("summary", str(out / "model.safetensors")) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not data.DEFAULT_FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed"
+)
+def test_real_fashion_mnist_end_to_end(tmp_path: Path) -> None:
+    """Train LeNet-300-100, prune it gradually to 90% while fine-tuning, check the result."""
+    from secateurs import pipeline, recipe
+
+    r = recipe.parse(
+        {
+            "name": "e2e",
+            "model": {"name": "lenet-300-100"},
+            "data": {"name": "fashion-mnist", "limit_train": 20000},
+            "train": {"epochs": 2, "lr": 0.05},
+            "prune": {
+                "sparsity": 0.9,
+                "allocation": "lamp",
+                "schedule": {"name": "gradual", "end": 1, "every": 0.25},
+            },
+            "finetune": {"epochs": 2, "lr": 0.02},
+            "output": {"dir": str(tmp_path / "e2e"), "latency": False},
+        }
+    )
+    result = pipeline.run(r)
+    dense, pruned = result.report.dense, result.report.pruned
+    assert dense["accuracy"] > 0.80  # ten classes: chance is 0.10
+    assert pruned["accuracy"] > dense["accuracy"] - 0.03
+    weights = [m.weight for m in result.model.modules() if isinstance(m, torch.nn.Linear)]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    assert zeros == round(0.9 * sum(w.numel() for w in weights))
+    assert sum(pruned["per_class_accuracy"]) > 0 and len(pruned["per_class_accuracy"]) == 10
+    assert result.report.trajectory[-1]["sparsity"] == pytest.approx(0.9)
+    assert (tmp_path / "e2e" / "report.md").is_file()
