@@ -18,6 +18,7 @@ from secateurs.masks import (
     load_masked_state_dict_,
     make_permanent_,
 )
+from secateurs.metrics import summary
 from secateurs.pruner import Pruner, compute_masks, prune_
 from secateurs.schedules import SCHEDULES, Gradual, Iterative, OneShot, Schedule
 from secateurs.structures import NM, STRUCTURES, Blocks, Channels, Elements, Structure
@@ -68,4 +69,5 @@ __all__ = [
     "load_masked_state_dict_",
     "make_permanent_",
     "prune_",
+    "summary",
 ]
