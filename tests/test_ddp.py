@@ -20,7 +20,9 @@ def _free_port() -> int:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 def test_pruned_weights_stay_zero_under_ddp() -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
     try:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))

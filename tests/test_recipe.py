@@ -46,8 +46,10 @@ def test_method_specs_as_names_and_mappings() -> None:
         ({"prune": {"structure": {"name": "nm", "n": 4, "m": 4}}}, ["prune.structure", "n=4"]),
         ({"prune": {"structure": {"name": "nm", "k": 4}}}, ["prune.structure", "'k'"]),
         ({"prune": {"schedule": {"name": "oneshot", "every": 3}}}, ["prune.schedule", "every"]),
-        ({"train": {"epochs": -1}}, ["train.epochs", "-1"]),
-        ({"train": {"optimizer": "lbfgs"}}, ["train.optimizer", "lbfgs", "sgd"]),
+        ({"train": {"epochs": -1}}, ["'train'", "epochs", "-1"]),
+        ({"train": {"optimizer": "lbfgs"}}, ["'train'", "optimizer", "lbfgs", "sgd"]),
+        ({"finetune": {"optimizer": "lbfgs"}}, ["finetune.optimizer", "lbfgs", "sgd"]),
+        ({"train": {"lr": "fast"}}, ["train.lr", "fast"]),
         ({"data": {"batch_size": 0}}, ["data.batch_size", "0"]),
         ({"prune": {"sparsity": 0.5, "budget": {"name": "params", "keep": 10}}}, ["budget"]),
         ({"model": "lenet-5"}, ["model", "mapping"]),
@@ -77,6 +79,15 @@ def test_example_recipes_are_valid(path: Path) -> None:
 
 def test_embedded_demo_recipe_is_valid() -> None:
     recipe.load(REPO / "src" / "secateurs" / "recipes" / "demo.yaml")
+
+
+def test_finetune_follows_training_and_defaults_to_a_tenth_of_its_lr() -> None:
+    r = recipe.parse({"train": {"lr": 0.1, "optimizer": "adamw"}, "finetune": {"epochs": 2}})
+    ft = r.finetune.config(r.train)
+    assert ft.epochs == 2 and ft.lr == pytest.approx(0.01) and ft.optimizer == "adamw"
+    r = recipe.parse({"finetune": {"lr": 0.05, "weight_decay": 0.0}})
+    ft = r.finetune.config(r.train)
+    assert ft.lr == 0.05 and ft.weight_decay == 0.0
 
 
 def test_schedule_epochs_must_be_numbers() -> None:

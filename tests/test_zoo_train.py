@@ -71,7 +71,7 @@ def test_callbacks_are_called() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("epochs", -1), ("lr", 0), ("optimizer", "lbfgs"), ("momentum", 1.0), ("batch_size", 0)],
+    [("epochs", -1), ("lr", 0), ("optimizer", "lbfgs"), ("momentum", 1.0)],
 )
 def test_train_config_validation(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):

@@ -28,7 +28,7 @@ from secateurs.metrics import evaluate, measure_latency, profile
 from secateurs.pruner import Pruner
 from secateurs.recipe import Recipe, schedule_in_steps
 from secateurs.report import RunReport, write_report
-from secateurs.train import TrainConfig, train
+from secateurs.train import train
 from secateurs.zoo import build_model
 
 MODEL_FILE = "model.safetensors"
@@ -193,15 +193,7 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
         )
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_cfg = TrainConfig(
-        epochs=recipe.train.epochs,
-        lr=recipe.train.lr,
-        optimizer=recipe.train.optimizer,
-        momentum=recipe.train.momentum,
-        weight_decay=recipe.train.weight_decay,
-        batch_size=recipe.data.batch_size,
-        seed=recipe.seed,
-    )
+    train_cfg = recipe.train
     meta = {
         "model": recipe.model.name,
         "model_options": recipe.model.options,
@@ -237,15 +229,7 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
     ]
     t_prune = time.perf_counter()
     pruner.step()  # step 0: one-shot schedules prune before fine-tuning starts
-    ft_cfg = TrainConfig(
-        epochs=recipe.finetune.epochs,
-        lr=recipe.finetune.lr if recipe.finetune.lr is not None else recipe.train.lr * 0.1,
-        optimizer=recipe.finetune.optimizer,
-        momentum=recipe.finetune.momentum,
-        weight_decay=recipe.finetune.weight_decay,
-        batch_size=recipe.data.batch_size,
-        seed=recipe.seed + 1,
-    )
+    ft_cfg = recipe.finetune.config(train_cfg)
 
     def on_epoch_end(epoch: int, loss: float) -> None:
         point: dict[str, Any] = {

@@ -27,6 +27,7 @@ from secateurs.errors import ConfigError
 from secateurs.registry import Registry
 from secateurs.schedules import SCHEDULES
 from secateurs.structures import STRUCTURES
+from secateurs.train import TrainConfig, finetune_config
 
 MethodSpec = str | dict[str, Any]
 
@@ -56,17 +57,6 @@ class DataSection:
 
 
 @dataclass
-class TrainSection:
-    """Dense training before pruning (skipped when ``model.checkpoint`` is set)."""
-
-    epochs: int = 10
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-
-
-@dataclass
 class PruneSection:
     """The plan: what to prune, how much, by which criterion and allocation, when."""
 
@@ -84,13 +74,29 @@ class PruneSection:
 
 @dataclass
 class FinetuneSection:
-    """Recovery training during and after pruning; ``lr`` null = a tenth of training's."""
+    """Recovery training during and after pruning. Null values follow the ``train`` section,
+    except ``lr``, which defaults to a tenth of training's."""
 
     epochs: int = 5
     lr: float | None = None
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    optimizer: str | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+
+    def config(self, train: TrainConfig) -> TrainConfig:
+        """The fine-tuning :class:`TrainConfig` derived from the training one."""
+        overrides: dict[str, Any] = {
+            k: v
+            for k, v in (
+                ("lr", self.lr),
+                ("optimizer", self.optimizer),
+                ("momentum", self.momentum),
+                ("weight_decay", self.weight_decay),
+            )
+            if v is not None
+        }
+        base = finetune_config(train, self.epochs)
+        return dataclasses.replace(base, seed=train.seed + 1, **overrides)
 
 
 @dataclass
@@ -112,7 +118,7 @@ class Recipe:
     seed: int = 0
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
-    train: TrainSection = field(default_factory=TrainSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneSection = field(default_factory=PruneSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     output: OutputSection = field(default_factory=OutputSection)
@@ -179,7 +185,10 @@ def _build_section(cls: type[Any], raw: Any, path: str) -> Any:
                 f"recipe key {where!r} has value {value!r}; expected {_describe_type(annotation)}"
             )
         values[key] = value
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"recipe section {path!r}: {exc}") from None
 
 
 def _check_method(path: str, registry: Registry[Any], spec: Any) -> None:
@@ -229,19 +238,16 @@ def validate(recipe: Recipe) -> Recipe:
         ("data.limit_train", recipe.data.limit_train, False),
         ("data.limit_test", recipe.data.limit_test, False),
         ("data.calibration_examples", recipe.data.calibration_examples, False),
-        ("train.epochs", recipe.train.epochs, True),
-        ("train.lr", recipe.train.lr, False),
         ("finetune.epochs", recipe.finetune.epochs, True),
         ("finetune.lr", recipe.finetune.lr, False),
         ("prune.calibration_batches", p.calibration_batches, False),
     ):
         _positive(path, value, zero_ok)
-    for path, name in (
-        ("train.optimizer", recipe.train.optimizer),
-        ("finetune.optimizer", recipe.finetune.optimizer),
-    ):
-        if name not in ("sgd", "adamw"):
-            raise ConfigError(f"recipe key {path!r} has value {name!r}; allowed: sgd, adamw")
+    if recipe.finetune.optimizer not in (None, "sgd", "adamw"):
+        raise ConfigError(
+            f"recipe key 'finetune.optimizer' has value {recipe.finetune.optimizer!r}; "
+            "allowed: sgd, adamw, or null for the training optimizer"
+        )
     return recipe
 
 

@@ -125,6 +125,15 @@ def _markdown(r: RunReport, plots: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _plots(r: RunReport, out_dir: Path) -> dict[str, Path]:
     import matplotlib
 
@@ -143,10 +152,7 @@ def _plots(r: RunReport, out_dir: Path) -> dict[str, Path]:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{r.model}: accuracy along the schedule")
         ax.grid(alpha=0.3)
-        paths["accuracy_vs_sparsity"] = out_dir / "accuracy_vs_sparsity.png"
-        fig.tight_layout()
-        fig.savefig(paths["accuracy_vs_sparsity"], dpi=100)
-        plt.close(fig)
+        paths["accuracy_vs_sparsity"] = _save(fig, out_dir / "accuracy_vs_sparsity.png")
     if r.layers:
         fig, ax = plt.subplots(figsize=(max(6, len(r.layers) * 0.5), 4))
         ax.bar(range(len(r.layers)), [layer["density"] * 100 for layer in r.layers])
@@ -155,10 +161,7 @@ def _plots(r: RunReport, out_dir: Path) -> dict[str, Path]:
         )
         ax.set_ylabel("density (% nonzero)")
         ax.set_title("per-layer density after pruning")
-        paths["layer_density"] = out_dir / "layer_density.png"
-        fig.tight_layout()
-        fig.savefig(paths["layer_density"], dpi=100)
-        plt.close(fig)
+        paths["layer_density"] = _save(fig, out_dir / "layer_density.png")
     dc, pc = r.dense.get("per_class_accuracy"), r.pruned.get("per_class_accuracy")
     if dc and pc:
         names = r.class_names or [str(i) for i in range(len(dc))]
@@ -171,10 +174,7 @@ def _plots(r: RunReport, out_dir: Path) -> dict[str, Path]:
         ax.axhline(0, color="black", lw=0.8)
         ax.set_ylabel("accuracy change vs dense (points)")
         ax.set_title("which classes pay for the pruning")
-        paths["per_class_change"] = out_dir / "per_class_change.png"
-        fig.tight_layout()
-        fig.savefig(paths["per_class_change"], dpi=100)
-        plt.close(fig)
+        paths["per_class_change"] = _save(fig, out_dir / "per_class_change.png")
     return paths
 
 

@@ -31,7 +31,6 @@ class TrainConfig:
     weight_decay: float = 5e-4
     nesterov: bool = True
     cosine: bool = True
-    batch_size: int = 128
     seed: int = 0
     label_smoothing: float = 0.0
 
@@ -42,18 +41,11 @@ class TrainConfig:
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            (
-                "batch_size",
-                isinstance(self.batch_size, int) and self.batch_size >= 1,
-                "an integer >= 1",
-            ),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
         ]
         for name, ok, allowed in checks:
             if not ok:
-                raise ConfigError(
-                    f"TrainConfig.{name} = {getattr(self, name)!r} is invalid; must be {allowed}"
-                )
+                raise ConfigError(f"{name} = {getattr(self, name)!r} is invalid; must be {allowed}")
 
 
 def finetune_config(train: TrainConfig, epochs: int, lr_factor: float = 0.1) -> TrainConfig:
