@@ -100,3 +100,23 @@ def test_real_fashion_mnist_end_to_end(tmp_path: Path) -> None:
     assert sum(pruned["per_class_accuracy"]) > 0 and len(pruned["per_class_accuracy"]) == 10
     assert result.report.trajectory[-1]["sparsity"] == pytest.approx(0.9)
     assert (tmp_path / "e2e" / "report.md").is_file()
+
+
+@pytest.mark.skipif(
+    not data.DEFAULT_FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed"
+)
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_recipe_runs_on_a_slice(path: Path, tmp_path: Path) -> None:
+    overrides = [
+        "data.limit_train=256",
+        "data.limit_test=256",
+        "train.epochs=1",
+        "output.latency=false",
+    ]
+    args = ["run", str(path), "--out", str(tmp_path)]
+    for item in overrides:
+        args += ["--set", item]
+    assert run_cli(*args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    asked = report["config"]["plan"]["final_sparsity"]
+    assert report["trajectory"][-1]["sparsity"] == pytest.approx(asked, abs=0.01)
