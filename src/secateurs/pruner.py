@@ -124,7 +124,7 @@ class Pruner:
     ``loss_fn``; they are calibrated on ``calibration_batches`` batches at each pruning event.
     """
 
-    model: nn.Module
+    model: nn.Module = field(repr=False)
     sparsity: float | None = None
     budget: Budget | Spec | None = None
     structure: Structure | Spec | None = None
@@ -134,12 +134,12 @@ class Pruner:
     include: Sequence[Selector] | None = None
     exclude: Sequence[Selector] | None = None
     params: Sequence[str] | None = None
-    data: Iterable[Any] | None = None
-    loss_fn: LossFn | None = None
+    data: Iterable[Any] | None = field(default=None, repr=False)
+    loss_fn: LossFn | None = field(default=None, repr=False)
     calibration_batches: int = 16
     seed: int = 0
     steps_done: int = field(default=0, init=False)
-    history: list[PruneEvent] = field(default_factory=list, init=False)
+    history: list[PruneEvent] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.structure_ = STRUCTURES.build(self.structure or Elements())
