@@ -26,13 +26,13 @@ from typing import Any
 import torch
 import torch.nn.utils.prune as tprune
 from safetensors.torch import load_file, save_file
+from torch import nn
+
+import secateurs as sc
 from secateurs.data import load_fashion_mnist
 from secateurs.metrics import evaluate
 from secateurs.train import TrainConfig, train
 from secateurs.zoo import build_model
-from torch import nn
-
-import secateurs as sc
 
 RESULTS = Path(__file__).parent / "results"
 TRAIN_LR = 0.05
