@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from secateurs import data, zoo
 from secateurs.errors import ConfigError
 from secateurs.train import TrainConfig, finetune_config, train
 
 
-@pytest.mark.parametrize("name", ["lenet-300-100", "lenet-5", "vgg-bn", "resnet-20"])
+@pytest.mark.parametrize(
+    "name", ["lenet-300-100", "lenet-5", "lenet-5-caffe", "vgg-bn", "resnet-20"]
+)
 def test_zoo_models_run_forward_and_backward(name: str) -> None:
     model = zoo.build_model(name, seed=0)
     x = zoo.example_input(name, batch=3)
@@ -18,6 +21,18 @@ def test_zoo_models_run_forward_and_backward(name: str) -> None:
     assert out.shape == (3, 10)
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_lenet5_variants_have_the_published_sizes() -> None:
+    def weights(name: str) -> int:
+        model = zoo.build_model(name)
+        return sum(
+            m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+        )
+
+    assert weights("lenet-5") == 150 + 2400 + 48000 + 10080 + 840
+    assert weights("lenet-5-caffe") == 500 + 25000 + 400000 + 5000  # 431k, as in Han et al.
+    assert weights("lenet-300-100") == 784 * 300 + 300 * 100 + 100 * 10
 
 
 def test_build_model_is_seeded() -> None:

@@ -52,6 +52,26 @@ class LeNet5(nn.Module):
         return self.fc3(torch.relu(self.fc2(x)))
 
 
+@MODELS.register("lenet-5-caffe")
+class LeNet5Caffe(nn.Module):
+    """Caffe's LeNet-5, the one Han et al. (2015, 2016) prune: conv 20 and 50 (5x5), 500, classes.
+
+    431k weights, seven times the classic LeNet-5; as in Caffe, the convolutions have no ReLU.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 20, 5)
+        self.conv2 = nn.Conv2d(20, 50, 5)
+        self.fc1 = nn.Linear(50 * 4 * 4, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.max_pool2d(self.conv1(x), 2)
+        x = nn.functional.max_pool2d(self.conv2(x), 2)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
