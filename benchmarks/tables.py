@@ -1,0 +1,64 @@
+"""Render the README's benchmark tables (Markdown) from the JSON in benchmarks/results/.
+
+python benchmarks/tables.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def finegrained() -> str:
+    rows = []
+    for path in sorted(RESULTS.glob("finegrained_*.json")):
+        rows += json.loads(path.read_text())["rows"]
+    if not rows:
+        return ""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [
+        "| model | dense | sparsity | " + " | ".join(methods) + " | gradual − torch.prune |",
+        "|---|---:|---:|" + "---:|" * (len(methods) + 1),
+    ]
+    keys = list(dict.fromkeys((r["model"], r["sparsity"]) for r in rows))
+    for model, sparsity in keys:
+        cell = {r["method"]: r for r in rows if r["model"] == model and r["sparsity"] == sparsity}
+        dense = next(iter(cell.values()))["dense_accuracy"]
+        accs = [f"{cell[m]['accuracy']:.2%}" if m in cell else "–" for m in methods]
+        gap = "–"
+        if "secateurs gradual" in cell and "torch.prune one-shot" in cell:
+            gap = f"{(cell['secateurs gradual']['accuracy'] - cell['torch.prune one-shot']['accuracy']) * 100:+.2f} pt"
+        lines.append(
+            f"| {model} | {dense:.2%} | {sparsity:.0%} | " + " | ".join(accs) + f" | {gap} |"
+        )
+    return "\n".join(lines)
+
+
+def global_masks() -> str:
+    path = RESULTS / "global_masks.json"
+    if not path.is_file():
+        return ""
+    data = json.loads(path.read_text())
+    lines = [
+        "| method | weights | time (s, median) | peak extra memory (MB) | × the weights' bytes |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['params']:,} | {r['seconds_median']:.2f} | "
+            f"{r['peak_extra_mb_median']:,.0f} | {r['peak_extra_mb_median'] / r['weight_mb']:.2f} |"
+        )
+    s = data["summary"]
+    lines.append("")
+    lines.append(
+        f"secateurs is {s['speedup_vs_torch_prune']:.1f}x faster (median of {data['repeats']} runs each)."
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(finegrained())
+    print()
+    print(global_masks())
