@@ -110,10 +110,6 @@ def collect_masks(model: nn.Module) -> dict[str, Tensor]:
     return {name: mask.clone() for name, _, _, mask in iter_masks(model)}
 
 
-def is_masked(model: nn.Module) -> bool:
-    return next(iter_masks(model), None) is not None
-
-
 def make_permanent_(model: nn.Module) -> nn.Module:
     """Bake every mask into its weights and remove the parametrizations, in place.
 
