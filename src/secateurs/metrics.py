@@ -11,7 +11,6 @@ import statistics
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -365,7 +364,3 @@ def evaluate(
         per_class_count=count.tolist(),
         n=n,
     )
-
-
-def file_bytes(path: str | Path) -> int:
-    return Path(path).stat().st_size
