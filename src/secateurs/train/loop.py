@@ -1,6 +1,8 @@
 """A small, deterministic training / fine-tuning loop used by the CLI, the demo and benchmarks.
 
-Users with their own loop do not need it: they call ``pruner.step()`` after their optimizer step.
+Users with their own loop do not need it: they call ``pruner.step()`` after their optimizer
+step. This loop does the same through ``on_step``. Batch size is the loader's business: the
+loop consumes whatever ``(inputs, labels)`` batches it is given.
 """
 
 from __future__ import annotations
@@ -15,14 +17,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from secateurs.errors import ConfigError
+from secateurs.errors import ConfigError, DataError, ModelError
 
 OPTIMIZERS = ("sgd", "adamw")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass
 class TrainConfig:
-    """Optimizer and schedule of one training run. ``cosine`` decays the LR to 0 per step."""
+    """Optimizer and learning-rate schedule of one training run.
+
+    ``optimizer`` is ``"sgd"`` (with ``momentum`` and, if ``nesterov``, Nesterov momentum) or
+    ``"adamw"`` (``momentum`` and ``nesterov`` unused). ``cosine`` decays the learning rate from
+    ``lr`` to 0 over all steps, updated every step. ``seed`` seeds torch before training so two
+    runs with the same config, model and loader end with identical weights.
+    """
 
     epochs: int = 10
     lr: float = 0.05
@@ -36,12 +52,23 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
-            ("epochs", isinstance(self.epochs, int) and self.epochs >= 0, "an integer >= 0"),
-            ("lr", isinstance(self.lr, (int, float)) and self.lr > 0, "a number > 0"),
-            ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
-            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("epochs", _is_int(self.epochs) and self.epochs >= 0, "an integer >= 0"),
+            ("lr", _is_number(self.lr) and self.lr > 0, "a finite number > 0"),
+            (
+                "optimizer",
+                isinstance(self.optimizer, str) and self.optimizer in OPTIMIZERS,
+                f"one of {', '.join(OPTIMIZERS)}",
+            ),
+            ("momentum", _is_number(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)"),
+            ("weight_decay", _is_number(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
+            ("nesterov", isinstance(self.nesterov, bool), "true or false"),
+            ("cosine", isinstance(self.cosine, bool), "true or false"),
+            ("seed", _is_int(self.seed), "an integer"),
+            (
+                "label_smoothing",
+                _is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+                "in [0, 1)",
+            ),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -49,13 +76,19 @@ class TrainConfig:
 
 
 def finetune_config(train: TrainConfig, epochs: int, lr_factor: float = 0.1) -> TrainConfig:
-    """Fine-tuning after pruning: by default a tenth of the training learning rate."""
+    """The config for fine-tuning after pruning: ``train`` with ``epochs`` and a scaled LR.
+
+    Recovery starts from weights that are already good, so by default it runs at a tenth of
+    the training learning rate (the literature uses 1/10 to 1/100); everything else is kept.
+    """
+    if not (_is_number(lr_factor) and lr_factor > 0):
+        raise ConfigError(f"lr_factor = {lr_factor!r} is invalid; must be a finite number > 0")
     return dataclasses.replace(train, epochs=epochs, lr=train.lr * lr_factor)
 
 
 @dataclass
 class TrainHistory:
-    """Mean training loss per epoch, steps taken and wall time."""
+    """What a run did: mean training loss per epoch, optimizer steps taken and wall time."""
 
     losses: list[float] = field(default_factory=list)
     steps: int = 0
@@ -63,7 +96,17 @@ class TrainHistory:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config`` describes, over ``model``'s trainable parameters.
+
+    Parametrized weights (``torch.nn.utils.parametrize``, as masks use) are trained through
+    their ``original`` tensors, which ``model.parameters()`` already yields.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ModelError(
+            f"{type(model).__name__} has no trainable parameters (none has requires_grad=True); "
+            "unfreeze some before training"
+        )
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             params,
@@ -75,30 +118,63 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def _model_device(model: nn.Module) -> torch.device | None:
+    for p in model.parameters():
+        return p.device
+    return None
+
+
+def _split_batch(batch: Any, step: int) -> tuple[Any, Tensor]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise DataError(
+        f"training batch {step} is a {type(batch).__name__}"
+        f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}; "
+        "the loader must yield (inputs, labels) pairs"
+    )
+
+
 def train(
     model: nn.Module,
     loader: Iterable[Any],
     config: TrainConfig,
     *,
     on_step: Callable[[int], object] | None = None,
-    on_epoch_end: Callable[[int, float], None] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    on_epoch_end: Callable[[int, float], object] | None = None,
+    progress: Callable[[int, int], object] | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> TrainHistory:
-    """Train ``model`` on ``(inputs, labels)`` batches for ``config.epochs`` epochs.
+    """Train ``model`` in place on ``(inputs, labels)`` batches for ``config.epochs`` epochs.
 
-    ``on_step(step)`` runs after every optimizer step (call ``pruner.step()`` there),
-    ``on_epoch_end(epoch, mean_loss)`` after every epoch, ``progress(done, total)`` for bars.
+    ``on_step(step)`` runs after every optimizer step (call ``pruner.step()`` there; ``step``
+    counts from 1), ``on_epoch_end(epoch, mean_loss)`` after every epoch (from 0), and
+    ``progress(done, total)`` after every step for progress bars (``total`` is 0 when the loader
+    has no length). ``loss_fn(outputs, labels)`` defaults to cross-entropy with the config's
+    label smoothing. Batches are moved to the model's device. The model is left in the
+    train/eval mode it came in. A non-finite loss stops training with a :class:`ConfigError` before the step is taken.
     """
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"config must be a TrainConfig; got {type(config).__name__}")
+    try:
+        steps_per_epoch: int | None = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        steps_per_epoch = None
+    if steps_per_epoch is None and config.cosine and config.epochs > 0:
+        raise ConfigError(
+            "cosine = true needs the total number of steps, but the loader has no len(); "
+            "pass a sized loader (a DataLoader) or set cosine = false"
+        )
+    total = config.epochs * steps_per_epoch if steps_per_epoch is not None else 0
+
     torch.manual_seed(config.seed)
     if loss_fn is None:
+        smoothing = config.label_smoothing
 
         def loss_fn(out: Tensor, y: Tensor) -> Tensor:
-            return nn.functional.cross_entropy(out, y, label_smoothing=config.label_smoothing)
+            return nn.functional.cross_entropy(out, y, label_smoothing=smoothing)
 
     optimizer = make_optimizer(model, config)
-    steps_per_epoch = len(loader)  # type: ignore[arg-type]
-    total = config.epochs * steps_per_epoch
+    device = _model_device(model)
     history = TrainHistory()
     start = time.perf_counter()
     was_training = model.training
@@ -106,30 +182,36 @@ def train(
     try:
         for epoch in range(config.epochs):
             running, batches = 0.0, 0
-            for inputs, labels in loader:
+            for batch in loader:
+                inputs, labels = _split_batch(batch, history.steps)
+                if device is not None:
+                    inputs = inputs.to(device, non_blocking=True)
+                    labels = labels.to(device, non_blocking=True)
                 if config.cosine and total:
                     lr = config.lr * 0.5 * (1 + math.cos(math.pi * history.steps / total))
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                 loss = loss_fn(model(inputs), labels)
-                if not torch.isfinite(loss):
+                value = float(loss.detach())
+                if not math.isfinite(value):
                     raise ConfigError(
-                        f"training diverged (loss {loss.item()}) at epoch {epoch}, step "
-                        f"{history.steps}; lower the learning rate ({config.lr})"
+                        f"training diverged: loss {value} at epoch {epoch}, step "
+                        f"{history.steps + 1}; lower the learning rate (lr = {config.lr})"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 history.steps += 1
-                running += float(loss.detach())
+                running += value
                 batches += 1
                 if on_step is not None:
                     on_step(history.steps)
                 if progress is not None:
                     progress(history.steps, total)
-            history.losses.append(running / max(batches, 1))
+            mean = running / max(batches, 1)
+            history.losses.append(mean)
             if on_epoch_end is not None:
-                on_epoch_end(epoch, history.losses[-1])
+                on_epoch_end(epoch, mean)
     finally:
         model.train(was_training)
     history.seconds = time.perf_counter() - start
