@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
 import secateurs as sc
+from helpers import assert_untouched, snapshot
 from secateurs.calibration import calibrate
 
 # -- magnitude --------------------------------------------------------------------------
@@ -217,18 +217,6 @@ def test_calibration_restores_mixed_modes(cnn: Any) -> None:
     modes = {name: m.training for name, m in cnn.named_modules()}
     sc.prune_(cnn, 0.5, criterion="taylor", data=cnn_batches(), loss_fn=nn.functional.cross_entropy)
     assert {name: cnn.get_submodule(name).training for name in modes} == modes
-
-
-def snapshot(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_untouched(model: nn.Module, state: dict[str, Tensor]) -> None:
-    assert not any(parametrize.is_parametrized(m) for m in model.modules())
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    for k, v in state.items():
-        assert torch.equal(now[k], v), k
 
 
 def empty_loader() -> DataLoader[Any]:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import secateurs as sc
+from helpers import snapshot
 from secateurs.registry import Registry, to_spec
 
 
@@ -49,10 +50,6 @@ def split(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
         out[name] = flat[start : start + w.numel()].reshape(w.shape)
         start += w.numel()
     return out
-
-
-def snapshot(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def assert_same_state(model: nn.Module, state: dict[str, Tensor]) -> None:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import secateurs as sc
+from helpers import assert_untouched
 
 
 class Ragged(nn.Module):
@@ -77,14 +78,6 @@ def assert_tiles_constant(t: sc.Target, b0: int, b1: int) -> None:
         for j in range(0, c.shape[1], b1):
             tile = c[i : i + b0, j : j + b1]
             assert bool(tile.all()) or not bool(tile.any()), f"{t.name}: block ({i}, {j}) split"
-
-
-def assert_untouched(model: nn.Module, state: dict[str, Tensor]) -> None:
-    assert not any(parametrize.is_parametrized(m) for m in model.modules())
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    for k, v in state.items():
-        assert torch.equal(now[k], v), k
 
 
 SPARSITIES = [0.0, 0.1, 0.37, 0.5, 0.8, 0.95]
