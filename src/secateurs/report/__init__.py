@@ -1,4 +1,4 @@
-"""Run reports: JSON plus Markdown with plots."""
+"""Run reports: ``report.json`` for machines, ``report.md`` with PNG plots for people."""
 
 from secateurs.report.writer import RunReport, write_report
 
