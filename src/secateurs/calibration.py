@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from secateurs.criteria.base import Criterion
 from secateurs.errors import ConfigError, DataError
+from secateurs.metrics import EvalMode
 from secateurs.targets import Target
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -40,10 +41,8 @@ def calibrate(
         raise ConfigError(f"calibration batches must be >= 1; got {max_batches}")
     stats: dict[str, dict[str, Tensor]] = {t.name: {} for t in targets}
     params = [t.raw for t in targets]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     seen = 0
-    try:
+    with EvalMode(model):
         for batch in data:
             if seen >= max_batches:
                 break
@@ -60,9 +59,6 @@ def calibrate(
                     torch.zeros_like(target.raw) if grad is None else grad,
                 )
             seen += 1
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
     if seen == 0:
         raise DataError("calibration data is empty: the loader yielded no batch")
     return stats

@@ -268,7 +268,7 @@ def _forward_error(model: nn.Module, example_inputs: Inputs, exc: Exception) -> 
     )
 
 
-class _ModeGuard:
+class EvalMode:
     """Put every module in eval mode and restore each module's own mode afterwards."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -314,7 +314,7 @@ def _measure_macs(model: nn.Module, example_inputs: Inputs) -> dict[str, _Macs]:
         if isinstance(m, hooked)
     ]
     try:
-        with _ModeGuard(model), torch.no_grad():
+        with EvalMode(model), torch.no_grad():
             try:
                 _call(model, example_inputs)
             except SecateursError:
@@ -563,7 +563,7 @@ def measure_latency(
     used_threads = torch.get_num_threads()
     times: list[float] = []
     try:
-        with _ModeGuard(model), torch.inference_mode():
+        with EvalMode(model), torch.inference_mode():
             for i in range(warmup + repeats):
                 sync()
                 start = time.perf_counter()
@@ -645,7 +645,7 @@ def evaluate(
     correct = torch.zeros(num_classes or 0, dtype=torch.long)
     count = torch.zeros(num_classes or 0, dtype=torch.long)
     total_loss, top5_hits, n, width = 0.0, 0, 0, 0
-    with _ModeGuard(model), torch.no_grad():
+    with EvalMode(model), torch.no_grad():
         for batch in loader:
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise DataError(

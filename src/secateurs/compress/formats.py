@@ -30,9 +30,10 @@ def _as_matrix(t: Tensor) -> Tensor:
     return t.detach().reshape(t.shape[0], -1)
 
 
-def _check_bits(bits: int) -> int:
+def check_bits(bits: int, what: str = "index bits") -> int:
+    """Validate a bit width in 1..16 (index gaps, weight-sharing codes)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise ConfigError(f"index bits must be an integer in 1..16; got {bits!r}")
+        raise ConfigError(f"{what} must be an integer in 1..16; got {bits!r}")
     return bits
 
 
@@ -76,7 +77,7 @@ class RelativeCSR:
 
 def to_relative_csr(t: Tensor, bits: int = 5) -> RelativeCSR:
     """Encode ``t`` (any rank >= 1) as :class:`RelativeCSR` with ``bits``-bit gaps."""
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     m = _as_matrix(t)
     rows = m.shape[0]
     r, c = m.nonzero(as_tuple=True)

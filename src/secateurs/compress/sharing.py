@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from secateurs.compress.formats import check_bits
 from secateurs.errors import ConfigError
 
 
@@ -38,12 +39,6 @@ class SharedWeights:
         return torch.zeros_like(self.codebook).index_add_(0, self.codes, flat)
 
 
-def _check_bits(bits: int) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise ConfigError(f"weight-sharing bits must be an integer in 1..16; got {bits!r}")
-    return bits
-
-
 def _assign(values: Tensor, centroids: Tensor) -> Tensor:
     """Nearest centroid of each value (centroids sorted): bucketize on the midpoints."""
     midpoints = (centroids[1:] + centroids[:-1]) / 2
@@ -52,7 +47,7 @@ def _assign(values: Tensor, centroids: Tensor) -> Tensor:
 
 def share_weights(t: Tensor, bits: int = 5, iterations: int = 30) -> SharedWeights:
     """Cluster the nonzero weights of ``t`` into ``2**bits`` shared values by 1-D k-means."""
-    bits = _check_bits(bits)
+    bits = check_bits(bits, "weight-sharing bits")
     if iterations < 1:
         raise ConfigError(f"k-means iterations must be >= 1; got {iterations}")
     positions = t.detach() != 0
