@@ -386,3 +386,19 @@ def test_collect_masks_returns_copies() -> None:
     copies = sc.collect_masks(model)
     copies["0.weight"].fill_(True)
     assert not sc.collect_masks(model)["0.weight"].all()
+
+
+@pytest.mark.parametrize("name", ids)
+def test_make_permanent_on_a_copy_leaves_the_other_working(name: str) -> None:
+    """torch removes a parametrization by deleting it from the class deepcopy shares."""
+    case = CASES[name]
+    source = pruned(case)
+    x = inputs(case)
+    expected = source(x)
+    clone = copy.deepcopy(source)
+    sc.make_permanent_(clone)
+    torch.testing.assert_close(source(x), expected, rtol=0, atol=0)
+    assert sc.collect_masks(source)  # still masked
+    sc.make_permanent_(source)
+    torch.testing.assert_close(clone(x), source(x), rtol=0, atol=0)
+    assert type(clone) is type(source) is type(case.build())

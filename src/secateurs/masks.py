@@ -23,7 +23,11 @@ from torch.nn.utils import parametrize
 from secateurs.errors import ModelError
 
 
-class Mask(nn.Module):
+class Baked(nn.Module):
+    """Base of secateurs' parametrizations: :func:`make_permanent_` bakes every one of them in."""
+
+
+class Mask(Baked):
     """Parametrization multiplying a tensor by a fixed boolean mask."""
 
     mask: Tensor
@@ -86,10 +90,22 @@ def set_mask(module: nn.Module, name: str, mask: Tensor) -> None:
         raw.masked_fill_(~mask, 0)
 
 
+def bake_(module: nn.Module, name: str) -> None:
+    """Bake the parametrization of ``module.<name>`` into its values and drop it.
+
+    ``copy.deepcopy`` of a parametrized module shares the injected class, and torch removes a
+    parametrization by deleting its property from that class, which would break every copy.
+    The module gets a class of its own first, so copies are unaffected.
+    """
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+
+
 def remove_mask(module: nn.Module, name: str) -> None:
     """Bake the mask of ``module.<name>`` into its values and drop the parametrization."""
     if get_mask(module, name) is not None:
-        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        bake_(module, name)
 
 
 def iter_masks(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor]]:
@@ -111,13 +127,20 @@ def collect_masks(model: nn.Module) -> dict[str, Tensor]:
 
 
 def make_permanent_(model: nn.Module) -> nn.Module:
-    """Bake every mask into its weights and remove the parametrizations, in place.
+    """Bake every mask (and shared-weight codebook) into its weights, in place.
 
     Afterwards the model is a plain module of its original class: pruned weights are stored
-    as zeros and ``model.state_dict()`` has the original keys. Returns ``model``.
+    as zeros and ``model.state_dict()`` has the original keys. Parametrizations that are not
+    secateurs' own are left alone. Returns ``model``.
     """
-    for _, module, name, _ in list(iter_masks(model)):
-        remove_mask(module, name)
+    for module in list(model.modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        parametrizations = module.parametrizations
+        assert isinstance(parametrizations, nn.ModuleDict)
+        for name in list(parametrizations.keys()):
+            if all(isinstance(p, Baked) for p in _parametrization_list(module, name)):
+                bake_(module, name)
     return model
 
 
