@@ -39,24 +39,32 @@ class HuffmanCode:
 
 def build_code(symbols: Tensor) -> HuffmanCode:
     """Huffman code lengths from the symbol frequencies in ``symbols`` (ints >= 0)."""
-    values, counts = torch.unique(symbols.reshape(-1).to(torch.int64), return_counts=True)
-    if values.numel() and int(values.min()) < 0:
+    flat = symbols.reshape(-1).to(torch.int64)
+    if flat.numel() and int(flat.min()) < 0:
         raise ConfigError("Huffman coding takes non-negative integer symbols")
-    if values.numel() == 1:
-        return HuffmanCode({int(values[0]): 1})
-    heap: list[tuple[int, int, list[int]]] = [
-        (int(c), i, [int(v)]) for i, (v, c) in enumerate(zip(values, counts, strict=True))
-    ]
+    return code_from_counts(np.bincount(flat.numpy()))
+
+
+def code_from_counts(counts: np.ndarray) -> HuffmanCode:
+    """Huffman code lengths from ``counts[symbol]`` (symbols with count 0 get no code)."""
+    present = np.flatnonzero(counts)
+    if present.size == 1:
+        return HuffmanCode({int(present[0]): 1})
+    # each heap item: (weight, tie-breaker, id of its subtree); lengths come from parent links
+    heap: list[tuple[int, int]] = [(int(counts[s]), i) for i, s in enumerate(present)]
     heapq.heapify(heap)
-    lengths = {int(v): 0 for v in values}
-    tie = len(heap)
+    parent: list[int] = [-1] * present.size
     while len(heap) > 1:
-        c1, _, s1 = heapq.heappop(heap)
-        c2, _, s2 = heapq.heappop(heap)
-        for s in s1 + s2:
-            lengths[s] += 1
-        heapq.heappush(heap, (c1 + c2, tie, s1 + s2))
-        tie += 1
+        c1, a = heapq.heappop(heap)
+        c2, b = heapq.heappop(heap)
+        node = len(parent)
+        parent.append(-1)
+        parent[a] = parent[b] = node
+        heapq.heappush(heap, (c1 + c2, node))
+    depth = [0] * len(parent)
+    for node in range(len(parent) - 2, -1, -1):  # parents are created after their children
+        depth[node] = depth[parent[node]] + 1
+    lengths = {int(s): depth[i] for i, s in enumerate(present)}
     if max(lengths.values(), default=0) > MAX_CODE_LENGTH:
         raise ConfigError(
             f"a Huffman code would exceed {MAX_CODE_LENGTH} bits; too many rare symbols"
@@ -64,41 +72,93 @@ def build_code(symbols: Tensor) -> HuffmanCode:
     return HuffmanCode(lengths)
 
 
-def encode(symbols: Tensor, code: HuffmanCode) -> tuple[bytes, int]:
-    """Bit-pack ``symbols`` with ``code``; returns (bytes, number of bits used)."""
+def code_table(code: HuffmanCode) -> tuple[np.ndarray, np.ndarray]:
+    """Dense look-up arrays indexed by symbol: (code value, code length); length 0 = no code."""
     table = code.codes()
-    flat = symbols.reshape(-1).tolist()
-    try:
-        pairs = [table[s] for s in flat]
-    except KeyError as exc:
-        raise ConfigError(f"symbol {exc.args[0]} has no Huffman code") from None
-    total = sum(length for _, length in pairs)
+    size = max(table, default=-1) + 1
+    values = np.zeros(size, dtype=np.uint64)
+    lengths = np.zeros(size, dtype=np.int64)
+    for symbol, (value, length) in table.items():
+        values[symbol], lengths[symbol] = value, length
+    return values, lengths
+
+
+def encode(symbols: Tensor, code: HuffmanCode) -> tuple[bytes, int]:
+    """Bit-pack ``symbols`` with ``code``; returns (bytes, number of bits used).
+
+    Vectorised: one pass per bit position of the longest code, not a loop over symbols.
+    """
+    values, lengths = code_table(code)
+    flat = symbols.reshape(-1).to(torch.int64).numpy()
+    if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= lengths.size):
+        raise ConfigError(f"symbol {int(flat.max())} has no Huffman code")
+    sym_len = lengths[flat]
+    if flat.size and int(sym_len.min()) == 0:
+        missing = int(flat[sym_len == 0][0])
+        raise ConfigError(f"symbol {missing} has no Huffman code")
+    sym_val = values[flat]
+    total = int(sym_len.sum())
     bits = np.zeros(total, dtype=np.uint8)
-    pos = 0
-    for value, length in pairs:
-        for i in range(length - 1, -1, -1):
-            bits[pos] = (value >> i) & 1
-            pos += 1
+    start = np.cumsum(sym_len) - sym_len
+    for b in range(int(sym_len.max()) if flat.size else 0):
+        has = sym_len > b
+        shift = (sym_len[has] - 1 - b).astype(np.uint64)
+        bits[start[has] + b] = ((sym_val[has] >> shift) & np.uint64(1)).astype(np.uint8)
     return np.packbits(bits).tobytes(), total
 
 
 def decode(data: bytes, n_bits: int, count: int, code: HuffmanCode) -> Tensor:
-    """Decode ``count`` symbols from ``data`` (the inverse of :func:`encode`)."""
+    """Decode ``count`` symbols from ``data`` (the inverse of :func:`encode`).
+
+    Canonical codes, left-aligned to the longest length ``L``, increase with their length, so the
+    length of the code starting at any bit is found for every bit at once by a sorted search of
+    its ``L``-bit window. Only the hop from one code to the next stays sequential.
+    """
     if n_bits > len(data) * 8:
         raise DataError(f"Huffman stream holds {len(data) * 8} bits, header says {n_bits}")
-    by_code = {(c, length): s for s, (c, length) in code.codes().items()}
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[:n_bits].tolist()
-    out: list[int] = []
-    value, length = 0, 0
-    for bit in bits:
-        value = (value << 1) | bit
-        length += 1
-        symbol = by_code.get((value, length))
-        if symbol is not None:
-            out.append(symbol)
-            value, length = 0, 0
-        elif length > MAX_CODE_LENGTH:
+    if count == 0:
+        if n_bits:
+            raise DataError(f"Huffman stream is corrupt: {n_bits} bits hold no symbols")
+        return torch.zeros(0, dtype=torch.int64)
+    table = code.codes()
+    by_rank = sorted(table.items(), key=lambda kv: (kv[1][1], kv[0]))
+    longest = by_rank[-1][1][1]
+    symbols_in_order = np.array([s for s, _ in by_rank], dtype=np.int64)
+    # limits[i]: first left-aligned window value past the codes of length <= lengths_[i]
+    lengths_ = sorted({length for _, (_, length) in by_rank})
+    limits, first_code, first_rank = [], [], []
+    rank = 0
+    for length in lengths_:
+        members = [(s, c) for s, (c, n) in by_rank if n == length]
+        first_code.append(members[0][1])
+        first_rank.append(rank)
+        rank += len(members)
+        limits.append((members[-1][1] + 1) << (longest - length))
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[:n_bits].astype(np.uint64)
+    padded = np.concatenate([bits, np.zeros(longest, dtype=np.uint64)])
+    window = np.zeros(n_bits, dtype=np.uint64)
+    for j in range(longest):
+        window = (window << np.uint64(1)) | padded[j : j + n_bits]
+    which = np.searchsorted(np.array(limits, dtype=np.uint64), window, side="right")
+    valid = which < len(lengths_)
+    which = np.minimum(which, len(lengths_) - 1)
+    length_at = np.array(lengths_, dtype=np.int64)[which]
+    shift = (longest - length_at).astype(np.uint64)
+    index = (window >> shift).astype(np.int64) - np.array(first_code, dtype=np.int64)[which]
+    index += np.array(first_rank, dtype=np.int64)[which]
+    hops = np.where(valid, length_at, 0).tolist()
+    starts: list[int] = []
+    pos = 0
+    while pos < n_bits and len(starts) < count:
+        hop = hops[pos]
+        if hop == 0:
             raise DataError("Huffman stream is corrupt: no code matches")
-    if length or len(out) != count:
-        raise DataError(f"Huffman stream is corrupt: decoded {len(out)} symbols, expected {count}")
-    return torch.tensor(out, dtype=torch.int64)
+        starts.append(pos)
+        pos += hop
+    if pos != n_bits or len(starts) != count:
+        raise DataError(
+            f"Huffman stream is corrupt: decoded {len(starts)} symbols in {pos} bits, "
+            f"expected {count} in {n_bits}"
+        )
+    at = np.array(starts, dtype=np.int64)
+    return torch.from_numpy(symbols_in_order[index[at]].copy())
