@@ -5,17 +5,26 @@ index into a small codebook. Zeros (pruned weights) stay exactly zero and take n
 Centroids start evenly spaced between the smallest and largest kept weight (the paper's linear
 initialisation, which keeps the rare large weights represented). During centroid fine-tuning the
 gradient of each shared value is the sum of the gradients of the weights that use it.
+
+:func:`share_weights_` does this to a whole model in place: each weight becomes a
+:class:`Shared` parametrization whose trainable tensor is the codebook, so any training loop
+(secateurs' or the user's) fine-tunes the centroids, and autograd computes exactly the paper's
+per-centroid gradient sums. :func:`secateurs.make_permanent_` bakes the shared values in.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from secateurs.compress.formats import check_bits
-from secateurs.errors import ConfigError
+from secateurs.errors import ConfigError, ModelError
+from secateurs.masks import Baked, get_mask, remove_mask
 
 
 @dataclass
@@ -62,8 +71,14 @@ def share_weights(t: Tensor, bits: int = 5, iterations: int = 30) -> SharedWeigh
     for _ in range(iterations):
         sums = torch.zeros(k).index_add_(0, codes, values)
         counts = torch.bincount(codes, minlength=k).to(torch.float32)
-        # an empty cluster keeps its centroid (it may win values later)
         updated = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
+        empty = (counts == 0).nonzero().flatten()
+        if empty.numel():
+            # An empty cluster moves to the worst-represented values: pruning leaves a gap
+            # around zero, and centroids spread over it would otherwise stay unused.
+            error = (values - centroids[codes]).abs()
+            worst = torch.topk(error, min(empty.numel(), values.numel())).indices
+            updated[empty[: worst.numel()]] = values[worst]
         updated, _ = torch.sort(updated)
         new_codes = _assign(values, updated)
         converged = torch.equal(new_codes, codes) and torch.equal(updated, centroids)
@@ -71,3 +86,154 @@ def share_weights(t: Tensor, bits: int = 5, iterations: int = 30) -> SharedWeigh
         if converged:
             break
     return SharedWeights(tuple(t.shape), centroids, codes, positions, bits)
+
+
+class Shared(Baked):
+    """Parametrization ``weight = table[index]``: a trainable codebook, fixed assignments.
+
+    ``index`` holds, for every weight, its centroid (``0 .. 2**bits - 1``) or ``2**bits`` for a
+    pruned weight; the table is the codebook followed by one constant zero, so pruned weights
+    stay exactly zero and get no gradient. The registered original is the codebook.
+    """
+
+    index: Tensor
+    fallback: Tensor
+
+    def __init__(self, shared: SharedWeights) -> None:
+        super().__init__()
+        k = shared.codebook.numel()
+        index = torch.full(shared.shape, k, dtype=torch.int32)
+        index[shared.positions] = shared.codes.to(torch.int32)
+        self.register_buffer("index", index)
+        self.register_buffer("fallback", shared.codebook.clone())
+        self.bits = shared.bits
+
+    def forward(self, codebook: Tensor) -> Tensor:
+        table = torch.cat([codebook, codebook.new_zeros(1)])
+        return table.index_select(0, self.index.reshape(-1)).view(self.index.shape)
+
+    def right_inverse(self, weight: Tensor) -> Tensor:
+        """The codebook that best reproduces ``weight``: the mean of the weights of each centroid
+        (a centroid nobody uses keeps its value)."""
+        k = self.fallback.numel()
+        flat = self.index.reshape(-1).to(torch.int64)
+        kept = flat < k
+        values = weight.detach().reshape(-1)[kept].to(self.fallback.dtype)
+        sums = torch.zeros_like(self.fallback).index_add_(0, flat[kept], values)
+        counts = torch.bincount(flat[kept], minlength=k).to(self.fallback.dtype)
+        codebook = torch.where(counts > 0, sums / counts.clamp_min(1), self.fallback)
+        return codebook.to(weight.dtype)
+
+    def shared(self, codebook: Tensor) -> SharedWeights:
+        """The :class:`SharedWeights` this parametrization currently represents."""
+        k = codebook.numel()
+        positions = self.index != k
+        codes = self.index[positions].to(torch.int64)
+        return SharedWeights(
+            tuple(self.index.shape),
+            codebook.detach().float().cpu(),
+            codes.cpu(),
+            positions.cpu(),
+            self.bits,
+        )
+
+
+def get_shared(module: nn.Module, name: str) -> SharedWeights | None:
+    """The shared representation of ``module.<name>``, or ``None`` when it is not shared."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    plist = module.parametrizations[name]  # type: ignore[index]
+    assert isinstance(plist, nn.ModuleList)
+    for p in plist:
+        if isinstance(p, Shared):
+            original = plist.original
+            assert isinstance(original, Tensor)
+            return p.shared(original)
+    return None
+
+
+#: Layer kinds and the weight-sharing bits Deep Compression uses for them.
+DEFAULT_BITS = {"conv": 8, "fc": 5}
+
+
+def layer_kind(module: nn.Module) -> str:
+    """``"conv"`` for convolutions, ``"fc"`` for everything else (Linear, Embedding, ...)."""
+    base = parametrize.type_before_parametrizations(module)
+    return "conv" if issubclass(base, nn.modules.conv._ConvNd) else "fc"
+
+
+def bits_for(
+    name: str, module: nn.Module, bits: Mapping[str, int], layer_bits: Mapping[str, int]
+) -> int:
+    """Bits for tensor ``name``: the first matching ``layer_bits`` regex, else by layer kind."""
+    for pattern, value in layer_bits.items():
+        if re.fullmatch(pattern, name) or re.fullmatch(pattern, name.rpartition(".")[0]):
+            return check_bits(value, f"weight-sharing bits for {pattern!r}")
+    return check_bits(bits[layer_kind(module)], f"weight-sharing bits for {layer_kind(module)}")
+
+
+def sharable(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """``(qualified name, module, attribute)`` of the weights weight sharing applies to: the
+    ``weight`` of every Linear, convolution and Embedding."""
+    kinds = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
+    out = []
+    for module_name, module in model.named_modules():
+        if issubclass(parametrize.type_before_parametrizations(module), kinds):
+            out.append((f"{module_name}.weight" if module_name else "weight", module, "weight"))
+    return out
+
+
+def share_weights_(
+    model: nn.Module,
+    bits: Mapping[str, int] | None = None,
+    layer_bits: Mapping[str, int] | None = None,
+    exclude: Sequence[str] = (),
+    iterations: int = 30,
+) -> dict[str, int]:
+    """Replace each weight of ``model`` by shared values, in place; returns bits by tensor name.
+
+    ``bits`` maps layer kinds (``conv``, ``fc``) to bits and defaults to Deep Compression's
+    8 and 5; ``layer_bits`` maps regexes over tensor or module names to bits and wins over the
+    kind; ``exclude`` lists regexes of tensors left as they are. A masked weight has its mask
+    baked in first (its zeros are kept). Everything is checked and clustered before the model is
+    changed. Train the model afterwards to fine-tune the centroids, then
+    :func:`secateurs.make_permanent_` (or :func:`secateurs.save_compressed`).
+    """
+    kind_bits = {**DEFAULT_BITS, **(bits or {})}
+    unknown = sorted(set(kind_bits) - set(DEFAULT_BITS))
+    if unknown:
+        raise ConfigError(f"unknown layer kind(s) {unknown} in bits; allowed: conv, fc")
+    layer_bits = dict(layer_bits or {})
+    candidates = sharable(model)
+    for pattern in [*layer_bits, *exclude]:
+        if not any(
+            re.fullmatch(pattern, n) or re.fullmatch(pattern, n.rpartition(".")[0])
+            for n, _, _ in candidates
+        ):
+            raise ConfigError(
+                f"pattern {pattern!r} matches no shareable weight; "
+                f"weights are: {', '.join(n for n, _, _ in candidates[:8])}"
+                + (" ..." if len(candidates) > 8 else "")
+            )
+    planned: list[tuple[str, nn.Module, str, SharedWeights]] = []
+    for name, module, attr in candidates:
+        if any(re.fullmatch(p, name) or re.fullmatch(p, name.rpartition(".")[0]) for p in exclude):
+            continue
+        if parametrize.is_parametrized(module, attr) and get_mask(module, attr) is None:
+            raise ModelError(
+                f"{name} already carries a parametrization that is not a secateurs mask "
+                "(weights already shared?); call secateurs.make_permanent_ first"
+            )
+        n_bits = bits_for(name, module, kind_bits, layer_bits)
+        shared = share_weights(getattr(module, attr).detach().float().cpu(), n_bits, iterations)
+        planned.append((name, module, attr, shared))
+    if not planned:
+        raise ModelError(
+            f"{type(model).__name__} has no Linear, convolution or Embedding weight to share"
+        )
+    for _, module, attr, shared in planned:
+        weight = getattr(module, attr)
+        remove_mask(module, attr)
+        param = Shared(shared).to(weight.device)
+        parametrize.register_parametrization(module, attr, param, unsafe=True)
+    return {name: shared.bits for name, _, _, shared in planned}
