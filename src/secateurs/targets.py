@@ -79,7 +79,15 @@ def _matches(selector: Selector, module_name: str, tensor_name: str, module: nn.
     return bool(re.fullmatch(selector, module_name) or re.fullmatch(selector, tensor_name))
 
 
-def _compile(selectors: Iterable[Selector], what: str) -> list[Selector]:
+def compile_selectors(selectors: Iterable[Selector] | None, what: str) -> list[Selector]:
+    """Check ``include``/``exclude``-style selectors: regex strings or ``nn.Module`` types.
+
+    A single string or type counts as a list of one.
+    """
+    if selectors is None:
+        return []
+    if isinstance(selectors, (str, type)):
+        selectors = [selectors]
     out: list[Selector] = []
     for s in selectors:
         if isinstance(s, str):
@@ -110,9 +118,9 @@ def find_targets(
     names adding any other parameter (a bias, a bare ``nn.Parameter``). Every pattern must
     match something, otherwise the error names it: a typo must not silently prune nothing.
     """
-    include_s = _compile(include or [], "include")
-    exclude_s = _compile(exclude or [], "exclude")
-    params_s = _compile(params or [], "params")
+    include_s = compile_selectors(include or [], "include")
+    exclude_s = compile_selectors(exclude or [], "exclude")
+    params_s = compile_selectors(params or [], "params")
     used: set[tuple[str, int]] = set()
     targets: list[Target] = []
     seen: set[int] = set()
