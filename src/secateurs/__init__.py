@@ -10,8 +10,16 @@ The public surface, re-exported here; everything else is internal::
 
 from secateurs.allocation import ALLOCATIONS, LAMP, Allocation, Global, LayerMap, Uniform
 from secateurs.budgets import BUDGETS, Budget, Params, Sparsity
+from secateurs.compress import (
+    CompressConfig,
+    inspect_compressed,
+    load_compressed,
+    save_compressed,
+    share_weights_,
+)
 from secateurs.criteria import CRITERIA, OBD, Criterion, Magnitude, Random, Taylor
 from secateurs.errors import BudgetError, ConfigError, DataError, ModelError, SecateursError
+from secateurs.export import ExportReport, export_onnx, export_safetensors, load_safetensors
 from secateurs.masks import (
     apply_masks_,
     collect_masks,
@@ -40,10 +48,12 @@ __all__ = [
     "Budget",
     "BudgetError",
     "Channels",
+    "CompressConfig",
     "ConfigError",
     "Criterion",
     "DataError",
     "Elements",
+    "ExportReport",
     "Global",
     "Gradual",
     "Iterative",
@@ -65,9 +75,16 @@ __all__ = [
     "apply_masks_",
     "collect_masks",
     "compute_masks",
+    "export_onnx",
+    "export_safetensors",
     "find_targets",
+    "inspect_compressed",
+    "load_compressed",
     "load_masked_state_dict_",
+    "load_safetensors",
     "make_permanent_",
     "prune_",
+    "save_compressed",
+    "share_weights_",
     "summary",
 ]

@@ -1,5 +1,13 @@
-"""Realization: how a pruned model is stored: sparse formats, weight sharing, Huffman coding."""
+"""Realization: how a pruned model is stored: sparse formats, weight sharing, linear
+quantization, Huffman coding and the compressed model file."""
 
+from secateurs.compress.codec import (
+    CompressConfig,
+    CompressedInfo,
+    inspect_compressed,
+    load_compressed,
+    save_compressed,
+)
 from secateurs.compress.formats import (
     BlockCSR,
     PackedNM,
@@ -9,18 +17,44 @@ from secateurs.compress.formats import (
     to_relative_csr,
 )
 from secateurs.compress.huffman import HuffmanCode, build_code, decode, encode
-from secateurs.compress.sharing import SharedWeights, share_weights
+from secateurs.compress.lowrank import (
+    FactorizedLayer,
+    LowRankReport,
+    SkippedLayer,
+    factorize_,
+    factorize_conv,
+    factorize_linear,
+    rank_for_energy,
+)
+from secateurs.compress.quantize import LinearQuantized, quantize_linear
+from secateurs.compress.sharing import Shared, SharedWeights, share_weights, share_weights_
 
 __all__ = [
     "BlockCSR",
+    "CompressConfig",
+    "CompressedInfo",
+    "FactorizedLayer",
     "HuffmanCode",
+    "LinearQuantized",
+    "LowRankReport",
     "PackedNM",
     "RelativeCSR",
+    "Shared",
     "SharedWeights",
+    "SkippedLayer",
     "build_code",
     "decode",
     "encode",
+    "factorize_",
+    "factorize_conv",
+    "factorize_linear",
+    "inspect_compressed",
+    "load_compressed",
+    "quantize_linear",
+    "rank_for_energy",
+    "save_compressed",
     "share_weights",
+    "share_weights_",
     "to_block_csr",
     "to_packed_nm",
     "to_relative_csr",
