@@ -120,3 +120,70 @@ def test_every_example_recipe_runs_on_a_slice(path: Path, tmp_path: Path) -> Non
     report = json.loads((tmp_path / "report.json").read_text())
     asked = report["config"]["plan"]["final_sparsity"]
     assert report["trajectory"][-1]["sparsity"] == pytest.approx(asked, abs=0.01)
+
+
+def test_run_with_export_writes_a_compressed_file_that_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    code = run_cli("run", str(REPO / "recipes" / "quick-synthetic.yaml"), "--out", str(out),
+                   "--set", "data.limit_train=256", "--set", "data.limit_test=128",
+                   "--set", "export={compressed: true, centroid_epochs: 1, bits: {conv: 4, fc: 3}, onnx: true}")  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    compressed = report["extra"]["export"]["compressed"]
+    assert compressed["file_bytes"] == (out / "model.sct").stat().st_size
+    assert compressed["ratio"] > 5
+    assert 0 <= compressed["accuracy"] <= 1
+    assert (out / "model.onnx").is_file() and report["extra"]["export"]["onnx"][
+        "max_abs_diff"
+    ] < 1e-3
+    model = build_model("lenet-5")
+    from secateurs import load_compressed
+
+    load_compressed(out / "model.sct", model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            assert torch.unique(m.weight).numel() <= 2**4 + 1  # 4-bit codebook plus zero
+    capsys.readouterr()
+    assert run_cli("inspect", str(out / "model.sct")) == 0
+    table = capsys.readouterr().out
+    assert "conv1" in table and "fc3" in table and "smaller" in table
+    assert run_cli("inspect", str(out / "model.sct"), "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["file_bytes"] == compressed["file_bytes"]
+    assert {t["name"] for t in info["tensors"]} == set(model.state_dict())
+
+
+def test_inspect_a_bad_file_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.sct"
+    bad.write_bytes(b"SECATEUR" + b"\x01\x00\x00\x00\xff\xff\x00\x00" + b"x" * 40)
+    assert run_cli("inspect", str(bad)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "truncated" in err and len(err.splitlines()) == 1
+    assert run_cli("inspect", str(tmp_path / "none.sct")) == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("export.bits={fc: 0}", "1..16"),
+        (
+            "export={centroid_epochs: 1, quantization: linear}",
+            "needs 'export.quantization: kmeans'",
+        ),
+        ("export.quantization=zip", "quantization"),
+        ("export.compresed=true", "unknown recipe key 'export.compresed'"),
+        ("export.centroid_epochs=-1", "export.centroid_epochs"),
+    ],
+)
+def test_bad_export_section_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, message: str
+) -> None:
+    code = run_cli("run", str(REPO / "recipes" / "quick-synthetic.yaml"), "--out",
+                   str(tmp_path / "r"), "--set", override)  # fmt: skip
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -1,4 +1,4 @@
-"""The ``secateurs`` command line: demo, run, summary, methods.
+"""The ``secateurs`` command line: demo, run, summary, inspect, methods.
 
 The CLI owns the terminal (rich tables and progress bars); the library only reports through
 callbacks. Every user error exits with status 2 and one line saying what was wrong.
@@ -191,6 +191,20 @@ def _print_headline(report: dict[str, Any]) -> None:
             f"{p['latency_ms']:.3f}",
             _ratio(d["latency_ms"], p["latency_ms"]),
         )
+    compressed = report.get("extra", {}).get("export", {}).get("compressed")
+    if compressed:
+        table.add_row(
+            "file bytes (.sct)",
+            f"{compressed['dense_file_bytes']:,}",
+            f"{compressed['file_bytes']:,}",
+            f"{compressed['ratio']:.1f}x",
+        )
+        table.add_row(
+            "accuracy from .sct",
+            f"{d['accuracy']:.2%}",
+            f"{compressed['accuracy']:.2%}",
+            f"{(compressed['accuracy'] - d['accuracy']) * 100:+.2f} pt",
+        )
     console.print(table)
     console.print(
         "  [dim]Masked weights are stored as zeros in a dense file; the dense-file latency "
@@ -238,6 +252,46 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from secateurs.compress import inspect_compressed
+
+    info = inspect_compressed(args.file)
+    d = info.to_dict()
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    table = Table(
+        title=f"{args.file}: {d['file_bytes']:,} bytes, {d['ratio']:.1f}x smaller than "
+        f"{d['dense_bytes']:,} dense bytes (format v{d['version']})",
+        title_justify="left",
+    )
+    columns = ("tensor", "shape", "encoding", "bits", "nonzeros", "bytes", "bits/nz", "ratio")
+    for col in columns:
+        table.add_column(
+            col, justify="left" if col in ("tensor", "encoding") else "right", overflow="fold"
+        )
+    for t in d["tensors"]:
+        how = t["encoding"] if t["encoding"] == "raw" else f"{t['encoding']} {t['layout']}"
+        bits = "/".join(str(b) for b in (t["bits"], t["index_bits"]) if b) or "-"
+        per_nonzero = t["bits_per_nonzero"]
+        table.add_row(
+            t["name"],
+            "x".join(map(str, t["shape"])),
+            how,
+            bits,
+            f"{t['nonzeros']:,}",
+            f"{t['bytes']:,}",
+            f"{per_nonzero:.1f}" if per_nonzero else "-",
+            f"{t['ratio']:.1f}x" if t["ratio"] else "-",
+        )
+    console.print(table)
+    console.print(
+        f"  header {d['header_bytes']:,} bytes; {d['nonzeros']:,} of {d['params']:,} values "
+        "nonzero; bits = code bits / gap bits; bits/nz = stored bits per nonzero value"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="secateurs",
@@ -270,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a model.safetensors written by 'secateurs run'")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser(
+        "inspect", help="per-tensor bytes, bits per weight and ratio of a compressed .sct file"
+    )
+    p.add_argument("file", help="a .sct file written by save_compressed or a recipe's export")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("methods", help="the registered methods, axis by axis, with recipe names")
     p.add_argument("--json", action="store_true", help="machine-readable output")

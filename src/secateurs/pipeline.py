@@ -7,6 +7,7 @@ into progress bars.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -21,8 +22,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from secateurs import __version__
+from secateurs.compress import load_compressed, save_compressed, share_weights_
 from secateurs.data import DataBundle, load_dataset
 from secateurs.errors import ConfigError, ModelError
+from secateurs.export import export_onnx
 from secateurs.masks import make_permanent_
 from secateurs.metrics import evaluate, measure_latency, profile
 from secateurs.pruner import Pruner
@@ -32,6 +35,8 @@ from secateurs.train import train
 from secateurs.zoo import build_model
 
 MODEL_FILE = "model.safetensors"
+COMPRESSED_FILE = "model.sct"
+ONNX_FILE = "model.onnx"
 DENSE_FILE = "dense.safetensors"
 META_FILE = "model.json"
 
@@ -265,6 +270,10 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
     pruned, layers = _measure(
         model, test_loader, example, recipe.output.latency, model_path.stat().st_size
     )
+    exported: dict[str, Any] = {}
+    if recipe.export.compressed or recipe.export.onnx:
+        exported = _export(recipe, model, meta, dense_path, (train_loader, test_loader), example)
+        progress.message(", ".join(f"{k}: {v['file_bytes']:,} bytes" for k, v in exported.items()))
     if len(trajectory) == 1 or "accuracy" not in trajectory[-1]:
         trajectory.append(
             {
@@ -286,6 +295,7 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
         trajectory=trajectory,
         class_names=list(bundle.class_names),
         extra={
+            **({"export": exported} if exported else {}),
             "prune_events": history,
             "seconds": {
                 "dense": dense_seconds,
@@ -295,9 +305,62 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
         },
     )
     files = {"model": model_path, "dense": dense_path}
+    files.update({k: Path(v["path"]) for k, v in exported.items()})
     if recipe.output.report:
         files.update(write_report(report, out_dir))
     return RunResult(report=report, model=model, out_dir=out_dir, files=files)
+
+
+def _export(
+    recipe: Recipe,
+    model: nn.Module,
+    meta: dict[str, Any],
+    dense_path: Path,
+    loaders: tuple[DataLoader[Any], DataLoader[Any]],
+    example: Tensor,
+) -> dict[str, dict[str, Any]]:
+    """Write the files the recipe's ``export`` section asks for; returns what each holds.
+
+    The compressed file's accuracy is measured on a fresh model loaded back from it, so the
+    number is about what ships. ``model`` itself stays the pruned model (shared weights, if
+    centroids were fine-tuned, are baked in).
+    """
+    ex = recipe.export
+    out: dict[str, dict[str, Any]] = {}
+    out_dir = recipe.out_dir()
+    if ex.compressed:
+        if ex.centroid_epochs:
+            share_weights_(model, bits=ex.bits, layer_bits=ex.layer_bits)
+            ft = recipe.finetune.config(recipe.train)
+            lr = ex.centroid_lr if ex.centroid_lr is not None else ft.lr
+            train(model, loaders[0], dataclasses.replace(ft, epochs=ex.centroid_epochs, lr=lr))
+        path = out_dir / COMPRESSED_FILE
+        info = save_compressed(
+            model, path, ex.compress_config(), metadata={"model": recipe.model.name}
+        )
+        make_permanent_(model)
+        loaded = build_model(
+            recipe.model.name,
+            num_classes=meta["num_classes"],
+            in_channels=meta["in_channels"],
+            **recipe.model.options,
+        )
+        load_compressed(path, loaded)
+        dense_bytes = dense_path.stat().st_size
+        out["compressed"] = {
+            "path": str(path),
+            "file_bytes": info.file_bytes,
+            "dense_file_bytes": dense_bytes,
+            "ratio": dense_bytes / info.file_bytes,
+            "accuracy": evaluate(loaded, loaders[1]).accuracy,
+            "max_abs_error": info.max_abs_error,
+            "centroid_epochs": ex.centroid_epochs,
+            "tensors": [t.to_dict() for t in info.tensors],
+        }
+    if ex.onnx:
+        report = export_onnx(model, example[:1], out_dir / ONNX_FILE)
+        out["onnx"] = {**report.to_dict(), "file_bytes": report.bytes}
+    return out
 
 
 def _load_data(recipe: Recipe) -> DataBundle:

@@ -22,6 +22,7 @@ import yaml
 
 from secateurs.allocation import ALLOCATIONS
 from secateurs.budgets import BUDGETS
+from secateurs.compress.codec import CompressConfig
 from secateurs.criteria import CRITERIA
 from secateurs.errors import ConfigError
 from secateurs.registry import Registry
@@ -111,6 +112,38 @@ class OutputSection:
 
 
 @dataclass
+class ExportSection:
+    """What a run ships besides ``model.safetensors``.
+
+    ``compressed`` writes ``model.sct`` (Deep Compression: sparse positions, shared or linearly
+    quantized weights, Huffman coding; see :class:`secateurs.compress.CompressConfig` for
+    ``quantization``, ``bits``, ``layer_bits``, ``index_bits`` and ``huffman``). With k-means
+    sharing, ``centroid_epochs`` of centroid fine-tuning run first, at ``centroid_lr`` (null: the
+    fine-tuning learning rate). The accuracy reported for the file is that of the model loaded
+    back from it. ``onnx`` writes ``model.onnx``, checked against PyTorch with onnxruntime.
+    """
+
+    compressed: bool = False
+    quantization: str = "kmeans"
+    bits: dict[str, int] = field(default_factory=lambda: {"conv": 8, "fc": 5})
+    layer_bits: dict[str, int] = field(default_factory=dict)
+    index_bits: int | None = None
+    huffman: bool = True
+    centroid_epochs: int = 0
+    centroid_lr: float | None = None
+    onnx: bool = False
+
+    def compress_config(self) -> CompressConfig:
+        return CompressConfig(
+            quantization=self.quantization,
+            bits=dict(self.bits),
+            layer_bits=dict(self.layer_bits),
+            index_bits=self.index_bits,
+            huffman=self.huffman,
+        )
+
+
+@dataclass
 class Recipe:
     """A complete, validated pipeline description."""
 
@@ -122,6 +155,7 @@ class Recipe:
     prune: PruneSection = field(default_factory=PruneSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     output: OutputSection = field(default_factory=OutputSection)
+    export: ExportSection = field(default_factory=ExportSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -241,12 +275,23 @@ def validate(recipe: Recipe) -> Recipe:
         ("finetune.epochs", recipe.finetune.epochs, True),
         ("finetune.lr", recipe.finetune.lr, False),
         ("prune.calibration_batches", p.calibration_batches, False),
+        ("export.centroid_epochs", recipe.export.centroid_epochs, True),
+        ("export.centroid_lr", recipe.export.centroid_lr, False),
     ):
         _positive(path, value, zero_ok)
     if recipe.finetune.optimizer not in (None, "sgd", "adamw"):
         raise ConfigError(
             f"recipe key 'finetune.optimizer' has value {recipe.finetune.optimizer!r}; "
             "allowed: sgd, adamw, or null for the training optimizer"
+        )
+    try:
+        recipe.export.compress_config()
+    except ConfigError as exc:
+        raise ConfigError(f"recipe section 'export': {exc}") from None
+    if recipe.export.centroid_epochs and recipe.export.quantization != "kmeans":
+        raise ConfigError(
+            "recipe key 'export.centroid_epochs' needs 'export.quantization: kmeans' "
+            f"(centroids exist only with weight sharing); got {recipe.export.quantization!r}"
         )
     return recipe
 
