@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 import secateurs as sc
-from bench_finegrained import TRAIN_LR, dense_model, run_secateurs_gradual
+from bench_finegrained import TRAIN_LR, dense_model, run_secateurs_gradual, write_results
 from secateurs.data import load_fashion_mnist
 from secateurs.metrics import evaluate
 from secateurs.train import TrainConfig, train
@@ -170,17 +169,7 @@ def main() -> None:
             f"{r['dense_file_bytes']:>11,}{r['file_bytes']:>9,}{r['ratio']:>7.1f}x"
         )
     out = Path(args.out) if args.out else RESULTS / "deep_compression.json"
-    out.write_text(
-        json.dumps(
-            {
-                "args": {k: v for k, v in vars(args).items()},
-                "rows": rows,
-                "versions": {"torch": torch.__version__, "secateurs": sc.__version__},
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {out}")
+    write_results(out, args, rows)
 
 
 if __name__ == "__main__":

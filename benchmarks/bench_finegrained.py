@@ -51,6 +51,18 @@ def dense_model(name: str, seed: int, epochs: int, loaders: Any) -> nn.Module:
     return model
 
 
+def write_results(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """The JSON every benchmark here writes: its arguments, its rows and the versions."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "args": vars(args),
+        "rows": rows,
+        "versions": {"torch": torch.__version__, "secateurs": sc.__version__},
+    }
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {out}")
+
+
 def prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
@@ -159,18 +171,7 @@ def main() -> None:
                 cells.append(f"{sum(accs) / len(accs):>23.2%} ")
             print(f"{name:<15}{s:>9.2f}" + "".join(cells))
     out = Path(args.out) if args.out else RESULTS / f"finegrained_e{args.epochs}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "args": vars(args),
-                "rows": rows,
-                "versions": {"torch": torch.__version__, "secateurs": sc.__version__},
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {out}")
+    write_results(out, args, rows)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,27 @@ def _split_inputs(example_inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, An
     )
 
 
+def _io_names(
+    given: Sequence[str] | None,
+    count: int,
+    kind: str,
+    unnamed: int,
+    named: list[str],
+    why: str,
+) -> list[str]:
+    """Graph input or output names: ``given`` (checked: ``count`` distinct names), or defaults:
+    ``kind`` alone for a single unnamed tensor, ``kind_0 ...`` for several, then ``named``."""
+    if given is not None:
+        names = list(given)
+        if len(names) != count or len(set(names)) != len(names):
+            raise ConfigError(
+                f"{kind}_names = {names!r} is invalid; need {count} distinct names ({why})"
+            )
+        return names
+    defaults = [kind] if unnamed == 1 else [f"{kind}_{i}" for i in range(unnamed)]
+    return defaults + named
+
+
 def _named_tensor_inputs(
     args: tuple[Any, ...], kwargs: dict[str, Any], input_names: Sequence[str] | None
 ) -> dict[str, Tensor]:
@@ -188,18 +209,14 @@ def _named_tensor_inputs(
     if not positional and not keyword:
         raise ConfigError("example_inputs holds no tensor; the exported graph would have no input")
     tensors = positional + [v for _, v in keyword]
-    if input_names is not None:
-        names = list(input_names)
-        if len(names) != len(tensors) or len(set(names)) != len(names):
-            raise ConfigError(
-                f"input_names = {names!r} is invalid; need {len(tensors)} distinct names, "
-                "one per tensor input"
-            )
-    else:
-        names = (
-            ["input"] if len(positional) == 1 else [f"input_{i}" for i in range(len(positional))]
-        )
-        names += [k for k, _ in keyword]
+    names = _io_names(
+        input_names,
+        len(tensors),
+        "input",
+        len(positional),
+        [k for k, _ in keyword],
+        "one per tensor input",
+    )
     return {n: t.detach().cpu() for n, t in zip(names, tensors, strict=True)}
 
 
@@ -484,17 +501,14 @@ def export_onnx(
     inputs = _named_tensor_inputs(args, kwargs, input_names)
     baked = _baked_copy(model)
     expected = _forward(baked, args, kwargs)
-    if output_names is not None:
-        out_names = list(output_names)
-        if len(out_names) != len(expected) or len(set(out_names)) != len(out_names):
-            raise ConfigError(
-                f"output_names = {out_names!r} is invalid; the model returns {len(expected)} "
-                "tensor(s), so give that many distinct names"
-            )
-    else:
-        out_names = (
-            ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
-        )
+    out_names = _io_names(
+        output_names,
+        len(expected),
+        "output",
+        len(expected),
+        [],
+        f"the model returns {len(expected)} tensor(s)",
+    )
     in_names = list(inputs)
 
     order: list[str] = []

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from secateurs.compress.formats import check_bits
+from secateurs.compress.formats import check_bits, gaps_with_fillers
 from secateurs.compress.huffman import HuffmanCode, build_code, code_from_counts, decode, encode
 from secateurs.compress.quantize import quantize_linear
 from secateurs.compress.sharing import (
@@ -298,22 +298,15 @@ def _decode_stream(blob: bytes, spec: Mapping[str, Any], alphabet: int, where: s
 # --------------------------------------------------------------------------- positions
 
 
+def _zeros_before(positions: Tensor) -> Tensor:
+    """Zeros skipped before each of the sorted flat ``positions``."""
+    prev = torch.cat([torch.tensor([-1]), positions[:-1]])[: positions.numel()]
+    return positions - prev - 1
+
+
 def _gaps(flat_nonzero: Tensor, index_bits: int) -> tuple[Tensor, Tensor]:
     """Position gaps with fillers: (gap per entry, True where the entry is a real weight)."""
-    largest = (1 << index_bits) - 1
-    prev = torch.cat([torch.tensor([-1]), flat_nonzero[:-1]])
-    zeros_before = flat_nonzero - prev - 1
-    fillers = zeros_before // (largest + 1)
-    per_value = fillers + 1
-    owner = torch.repeat_interleave(torch.arange(flat_nonzero.numel()), per_value)
-    start = torch.cumsum(per_value, 0) - per_value
-    k = torch.arange(owner.numel()) - start[owner]
-    is_filler = k < fillers[owner]
-    gaps = torch.where(
-        is_filler,
-        torch.full_like(k, largest),
-        zeros_before[owner] - fillers[owner] * (largest + 1),
-    )
+    gaps, _, is_filler = gaps_with_fillers(_zeros_before(flat_nonzero), index_bits)
     return gaps, ~is_filler
 
 
@@ -390,8 +383,7 @@ def _best_index_bits(
     Histograms are computed without materialising the fillers: a weight preceded by ``z``
     zeros needs ``z >> b`` fillers (each a gap of ``2**b - 1``) and then a gap of ``z % 2**b``.
     """
-    prev = torch.cat([torch.tensor([-1]), kept[:-1]])[: kept.numel()]
-    zeros_before = (kept - prev - 1).numpy()
+    zeros_before = _zeros_before(kept).numpy()
     best: tuple[int, int] | None = None
     for b in widths:
         fillers = int((zeros_before >> b).sum())

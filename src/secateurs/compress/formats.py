@@ -75,6 +75,27 @@ class RelativeCSR:
         return out.reshape(self.shape)
 
 
+def gaps_with_fillers(zeros_before: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Relative indices of ``bits`` bits for entries preceded by ``zeros_before`` zeros each.
+
+    A run longer than the largest gap ``2**bits - 1`` is bridged by filler entries, each a gap of
+    that largest value (advancing ``2**bits`` positions) holding a zero. Returns ``(gaps, owner,
+    is_filler)`` over all stored entries: ``owner`` is the index of the real entry each stored
+    entry belongs to (itself, or the entry its fillers lead to).
+    """
+    largest = (1 << bits) - 1
+    fillers = zeros_before // (largest + 1)
+    per_value = fillers + 1
+    owner = torch.repeat_interleave(torch.arange(zeros_before.numel()), per_value)
+    start = torch.cumsum(per_value, 0) - per_value
+    k = torch.arange(owner.numel()) - start[owner]
+    is_filler = k < fillers[owner]
+    gaps = torch.where(
+        is_filler, torch.full_like(k, largest), zeros_before[owner] - fillers[owner] * (largest + 1)
+    )
+    return gaps, owner, is_filler
+
+
 def to_relative_csr(t: Tensor, bits: int = 5) -> RelativeCSR:
     """Encode ``t`` (any rank >= 1) as :class:`RelativeCSR` with ``bits``-bit gaps."""
     bits = check_bits(bits)
@@ -84,17 +105,7 @@ def to_relative_csr(t: Tensor, bits: int = 5) -> RelativeCSR:
     first = torch.ones_like(r, dtype=torch.bool)
     first[1:] = r[1:] != r[:-1]
     prev = torch.where(first, torch.full_like(c, -1), torch.roll(c, 1))
-    zeros_before = c - prev - 1
-    largest = (1 << bits) - 1
-    fillers = zeros_before // (largest + 1)
-    per_value = fillers + 1
-    owner = torch.repeat_interleave(torch.arange(r.numel()), per_value)
-    start = torch.cumsum(per_value, 0) - per_value
-    k = torch.arange(owner.numel()) - start[owner]
-    is_filler = k < fillers[owner]
-    gaps = torch.where(
-        is_filler, torch.full_like(k, largest), zeros_before[owner] - fillers[owner] * (largest + 1)
-    )
+    gaps, owner, is_filler = gaps_with_fillers(c - prev - 1, bits)
     values = torch.where(is_filler, torch.zeros((), dtype=m.dtype), m[r, c][owner])
     row_ptr = torch.zeros(rows + 1, dtype=torch.int64)
     row_ptr[1:] = torch.bincount(r[owner], minlength=rows).cumsum(0)
