@@ -420,6 +420,13 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "oneshot": {"at": 3},
     "iterative": {"rounds": 2, "every": 5, "start": 1},
     "gradual": {"start": 10, "end": 50, "every": 10, "initial": 0.1},
+    "erk": {},
+    "lottery": {"every": 20, "rate": 0.3, "rewind": 2, "rounds": 3},
+    "static": {"distribution": "uniform"},
+    "set": {"every": 5, "end": 40, "fraction": 0.2, "distribution": "uniform"},
+    "rigl": {"every": 5, "end": 40, "fraction": 0.4, "distribution": "erk"},
+    "dsd": {"start": 3, "end": 9},
+    "iht": {"sparse": 4, "dense": 6, "cycles": 3, "start": 1},
     "sparsity": {"value": 0.5},
     "params": {"keep": 10},
 }
@@ -435,8 +442,18 @@ def test_every_registered_name_has_test_options() -> None:
     expected_axes = {
         "structure": {"elements", "nm", "blocks", "channels"},
         "criterion": {"magnitude", "random", "taylor", "obd"},
-        "allocation": {"uniform", "global", "lamp", "layer_map"},
-        "schedule": {"oneshot", "iterative", "gradual"},
+        "allocation": {"uniform", "global", "lamp", "layer_map", "erk"},
+        "schedule": {
+            "oneshot",
+            "iterative",
+            "gradual",
+            "lottery",
+            "static",
+            "set",
+            "rigl",
+            "dsd",
+            "iht",
+        },
         "budget": {"sparsity", "params"},
     }
     for axis, names in expected_axes.items():

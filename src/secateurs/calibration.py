@@ -7,11 +7,12 @@ so the user's ``.grad`` fields, optimizer and BatchNorm running statistics are l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from secateurs.criteria.base import Criterion
 from secateurs.errors import ConfigError, DataError
@@ -37,10 +38,57 @@ def calibrate(
         raise ConfigError(
             f"criterion {type(criterion).__name__} needs loss_fn=<callable(output, labels)>"
         )
+    stats: dict[str, dict[str, Tensor]] = {t.name: {} for t in targets}
+    params: list[Tensor] = [t.raw for t in targets]
+    for grads in _batch_gradients(model, lambda: params, data, loss_fn, max_batches):
+        for target, grad in zip(targets, grads, strict=True):
+            criterion.accumulate(
+                stats[target.name],
+                target,
+                torch.zeros_like(target.raw) if grad is None else grad,
+            )
+    return stats
+
+
+def dense_gradients(
+    model: nn.Module,
+    targets: Sequence[Target],
+    data: Iterable[Any],
+    loss_fn: LossFn | None,
+    max_batches: int = 1,
+) -> dict[str, Tensor]:
+    """Gradient of the loss with respect to each target's *effective* tensor, summed over up to
+    ``max_batches`` batches: dense, so pruned positions get a gradient too (what RigL grows by).
+
+    Masked weights are ``raw * mask``; the gradient of ``raw`` is zero where the mask is. With
+    parametrizations cached for the pass, the effective tensor is one node of the graph and
+    its gradient is the dense one. Nothing of the model's state is changed.
+    """
+    if loss_fn is None:
+        raise ConfigError("dense gradients need loss_fn=<callable(output, labels)>")
+    out: dict[str, Tensor] = {}
+
+    def effective() -> list[Tensor]:
+        return [t.weight for t in targets]
+
+    with parametrize.cached():
+        for grads in _batch_gradients(model, effective, data, loss_fn, max_batches):
+            for target, grad in zip(targets, grads, strict=True):
+                g = torch.zeros_like(target.raw) if grad is None else grad.detach()
+                out[target.name] = out[target.name] + g if target.name in out else g.clone()
+    return out
+
+
+def _batch_gradients(
+    model: nn.Module,
+    wrt: Callable[[], list[Tensor]],
+    data: Iterable[Any],
+    loss_fn: LossFn,
+    max_batches: int,
+) -> Iterator[tuple[Tensor | None, ...]]:
+    """Per batch, the gradients of the loss with respect to ``wrt()``, in eval mode."""
     if max_batches < 1:
         raise ConfigError(f"calibration batches must be >= 1; got {max_batches}")
-    stats: dict[str, dict[str, Tensor]] = {t.name: {} for t in targets}
-    params = [t.raw for t in targets]
     seen = 0
     with EvalMode(model):
         for batch in data:
@@ -48,20 +96,15 @@ def calibrate(
                 break
             inputs, labels = _split(batch)
             with torch.enable_grad():
+                tensors = wrt()
                 loss = loss_fn(model(inputs), labels)
                 if not torch.isfinite(loss):
                     raise DataError(f"calibration loss is {loss.item()} on batch {seen}")
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for target, grad in zip(targets, grads, strict=True):
-                criterion.accumulate(
-                    stats[target.name],
-                    target,
-                    torch.zeros_like(target.raw) if grad is None else grad,
-                )
+                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+            yield grads
             seen += 1
     if seen == 0:
         raise DataError("calibration data is empty: the loader yielded no batch")
-    return stats
 
 
 def _split(batch: Any) -> tuple[Any, Any]:

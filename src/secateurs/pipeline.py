@@ -188,7 +188,7 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
         seed=recipe.seed,
     )
     ft_steps = recipe.finetune.epochs * steps_per_epoch
-    last = pruner.schedule_.last_step()
+    last = pruner.last_step
     if last > ft_steps:
         raise ConfigError(
             f"the pruning schedule's last event is at step {last} but fine-tuning has only "

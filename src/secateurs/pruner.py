@@ -15,12 +15,23 @@ from torch import Tensor, nn
 
 from secateurs.allocation import ALLOCATIONS, Allocation, Global, check_sparsity, select_lowest
 from secateurs.budgets import BUDGETS, Budget, Sparsity
-from secateurs.calibration import LossFn, calibrate
+from secateurs.calibration import LossFn, calibrate, dense_gradients
 from secateurs.criteria import CRITERIA, Criterion, Magnitude
 from secateurs.errors import ConfigError
-from secateurs.masks import set_mask
+from secateurs.masks import remove_mask, set_mask
 from secateurs.registry import to_spec
-from secateurs.schedules import SCHEDULES, OneShot, Schedule
+from secateurs.schedules import (
+    SCHEDULES,
+    Densify,
+    DropGrow,
+    OneShot,
+    PruneTo,
+    Remask,
+    Rewind,
+    Schedule,
+    Snapshot,
+)
+from secateurs.sparse_training import WeightSnapshot, drop_and_grow, reset_optimizer_state
 from secateurs.structures import STRUCTURES, Elements, GroupScores, Structure
 from secateurs.targets import Selector, Target, find_targets
 
@@ -99,11 +110,13 @@ def _nonzeros(target: Target) -> int:
 
 @dataclass
 class PruneEvent:
-    """One pruning event: when, the sparsity asked, and the sparsity measured afterwards."""
+    """One schedule event: when, what (``prune``, ``remask``, ``drop_grow``, ``densify``,
+    ``snapshot``, ``rewind``), the sparsity asked, and the sparsity measured afterwards."""
 
     step: int
     target: float
     measured: float
+    kind: str = "prune"
 
 
 @dataclass
@@ -122,6 +135,13 @@ class Pruner:
     with an N:M structure and neither given, the sparsity is the pattern's ``1 - n/m``.
     Data-driven criteria (Taylor, OBD) need ``data`` (an iterable of ``(inputs, labels)``) and
     ``loss_fn``; they are calibrated on ``calibration_batches`` batches at each pruning event.
+    RigL needs them too, for its dense gradients.
+
+    Schedules that move, revive or rewind weights (SET, RigL, lottery tickets, DSD, IHT) should
+    be given the training ``optimizer``: the momentum and Adam moments of a grown or rewound
+    weight are reset, as the methods prescribe. Call ``step()`` once before the first
+    optimizer step too, so step 0 (a sparse initialisation, the lottery's rewind point) sees
+    the initial weights.
     """
 
     model: nn.Module = field(repr=False)
@@ -138,6 +158,7 @@ class Pruner:
     loss_fn: LossFn | None = field(default=None, repr=False)
     calibration_batches: int = 16
     seed: int = 0
+    optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
     steps_done: int = field(default=0, init=False)
     history: list[PruneEvent] = field(default_factory=list, init=False, repr=False)
 
@@ -170,38 +191,130 @@ class Pruner:
                 f"{type(self.structure_).__name__} prunes at least {floor:.4g} of each tensor; "
                 f"the budget asks for {self.final_sparsity:.4g}"
             )
-        if self.criterion_.needs_data and self.data is None:
+        for part in (self.criterion_, self.schedule_):
+            if part.needs_data and self.data is None:
+                raise ConfigError(
+                    f"{type(part).__name__} needs calibration data: pass "
+                    "data=<DataLoader of (inputs, labels)> and loss_fn=<callable(output, labels)>"
+                )
+        if self.schedule_.moves_weights and not isinstance(self.structure_, Elements):
             raise ConfigError(
-                f"criterion {type(self.criterion_).__name__} needs calibration data: pass "
-                "data=<DataLoader of (inputs, labels)> and loss_fn=<callable(output, labels)>"
+                f"schedule {type(self.schedule_).__name__} drops and grows single weights; "
+                f"it works with structure 'elements', not {type(self.structure_).__name__}"
             )
+        self._snapshot: WeightSnapshot | None = None
 
     # -- driving -------------------------------------------------------------------------
     def step(self) -> bool:
-        """Advance the schedule by one step; prune if it says so. Returns True if it pruned."""
-        target = self.schedule_.sparsity_at(self.steps_done, self.final_sparsity)
-        pruned = False
-        if target is not None:
-            self.prune_to(max(target, self.structure_.min_sparsity()))
-            pruned = True
+        """Advance the schedule by one step and carry out its events. True if any happened."""
+        events = self.schedule_.events_at(self.steps_done, self.final_sparsity)
+        for event in events:
+            _HANDLERS[type(event)](self, event)
         self.steps_done += 1
-        return pruned
+        return bool(events)
+
+    @property
+    def last_step(self) -> int:
+        """The last step at which the schedule does anything."""
+        return self.schedule_.last_step(self.final_sparsity)
 
     @property
     def done(self) -> bool:
-        """True once the schedule has no pruning event left."""
-        return self.steps_done > self.schedule_.last_step()
+        """True once the schedule has no event left."""
+        return self.steps_done > self.last_step
 
-    def prune_to(self, sparsity: float) -> dict[str, Tensor]:
-        """Prune the targets to ``sparsity`` now (never un-pruning anything); return the masks."""
+    def _record(self, kind: str, target: float) -> None:
+        self.history.append(PruneEvent(self.steps_done, target, self.measured_sparsity(), kind))
+
+    def _on_prune_to(self, event: PruneTo) -> None:
+        self.prune_to(max(event.sparsity, self.structure_.min_sparsity()))
+
+    def _on_remask(self, event: Remask) -> None:
+        criterion = CRITERIA.build(event.criterion) if event.criterion else self.criterion_
+        allocation = ALLOCATIONS.build(event.allocation) if event.allocation else None
+        self.densify(record=False)
+        self.prune_to(event.sparsity, criterion=criterion, allocation=allocation, kind="remask")
+
+    def _on_drop_grow(self, event: DropGrow) -> None:
+        self.drop_and_grow(event.fraction, event.grow)
+
+    def _on_densify(self, event: Densify) -> None:
+        self.densify()
+
+    def _on_snapshot(self, event: Snapshot) -> None:
+        self._snapshot = WeightSnapshot(self.model)
+        self._record("snapshot", self.measured_sparsity())
+
+    def _on_rewind(self, event: Rewind) -> None:
+        if self._snapshot is None:
+            raise ConfigError(
+                "the schedule rewinds but no snapshot was taken: call pruner.step() from the "
+                "first step on (step 0 is the rewind point by default)"
+            )
+        self._snapshot.restore(self.model)
+        reset_optimizer_state(self.optimizer, (p for p in self.model.parameters()))
+        self._record("rewind", self.measured_sparsity())
+
+    def densify(self, record: bool = True) -> None:
+        """Remove the masks of every target; pruned weights restart from zero."""
+        for t in self.targets:
+            remove_mask(t.module, t.attr)
+        if record:
+            self._record("densify", 0.0)
+
+    def drop_and_grow(self, fraction: float, grow: str) -> None:
+        """One SET/RigL update of every target (see :func:`secateurs.sparse_training.drop_and_grow`)."""
+        gradients: dict[str, Tensor] = {}
+        if grow == "gradient":
+            if self.data is None:
+                raise ConfigError("growing by gradient needs data= and loss_fn=")
+            gradients = dense_gradients(
+                self.model, self.targets, self.data, self.loss_fn, self.calibration_batches
+            )
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.steps_done)
+        updates = []
+        for t in self.targets:
+            mask = t.mask if t.mask is not None else torch.ones_like(t.raw, dtype=torch.bool)
+            new_mask, grown = drop_and_grow(
+                t.raw,
+                mask.cpu(),
+                fraction,
+                grow,
+                gradient=gradients.get(t.name),
+                generator=generator,
+            )
+            updates.append((t, new_mask, grown, mask.cpu() ^ new_mask | grown))
+        changed: dict[int, Tensor] = {}
+        for t, new_mask, grown, moved in updates:
+            with torch.no_grad():
+                t.raw.masked_fill_(grown.to(t.raw.device), 0)
+            set_mask(t.module, t.attr, new_mask)
+            changed[id(t.raw)] = moved
+        reset_optimizer_state(self.optimizer, changed)
+        self._record("drop_grow", self.final_sparsity)
+
+    def prune_to(
+        self,
+        sparsity: float,
+        *,
+        criterion: Criterion | None = None,
+        allocation: Allocation | None = None,
+        kind: str = "prune",
+    ) -> dict[str, Tensor]:
+        """Prune the targets to ``sparsity`` now (never un-pruning anything); return the masks.
+
+        ``criterion`` and ``allocation`` replace the pruner's own for this call.
+        """
         sparsity = check_sparsity(sparsity)
+        criterion = criterion or self.criterion_
         stats = None
-        if self.criterion_.needs_data:
-            assert self.data is not None
+        if criterion.needs_data:
+            if self.data is None:
+                raise ConfigError(f"{type(criterion).__name__} needs data= and loss_fn=")
             stats = calibrate(
                 self.model,
                 self.targets,
-                self.criterion_,
+                criterion,
                 self.data,
                 self.loss_fn,
                 self.calibration_batches,
@@ -210,15 +323,31 @@ class Pruner:
             self.targets,
             sparsity,
             structure=self.structure_,
-            criterion=self.criterion_,
-            allocation=self.allocation_,
+            criterion=criterion,
+            allocation=allocation or self.allocation_,
             stats=stats,
             seed=self.seed + len(self.history),
         )
+        before = {t.name: t.mask.clone() if t.mask is not None else None for t in self.targets}
         for t in self.targets:
             set_mask(t.module, t.attr, new_masks[t.name])
-        self.history.append(PruneEvent(self.steps_done, sparsity, self.measured_sparsity()))
+        self._reset_pruned_state(before)
+        self._record(kind, sparsity)
         return new_masks
+
+    def _reset_pruned_state(self, before: Mapping[str, Tensor | None]) -> None:
+        """Zero the optimizer state of weights that were just pruned (they may be revived)."""
+        if self.optimizer is None:
+            return
+        changed = {}
+        for t in self.targets:
+            mask = t.mask
+            if mask is None:
+                continue
+            previous = before[t.name]
+            pruned_now = ~mask if previous is None else previous & ~mask
+            changed[id(t.raw)] = pruned_now
+        reset_optimizer_state(self.optimizer, changed)
 
     def measured_sparsity(self) -> float:
         """Fraction of zeros in the targeted tensors, counted from the weights themselves."""
@@ -242,6 +371,16 @@ class Pruner:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.steps_done = int(state["steps_done"])
+
+
+_HANDLERS: dict[type, Callable[[Pruner, Any], None]] = {
+    PruneTo: Pruner._on_prune_to,
+    Remask: Pruner._on_remask,
+    DropGrow: Pruner._on_drop_grow,
+    Densify: Pruner._on_densify,
+    Snapshot: Pruner._on_snapshot,
+    Rewind: Pruner._on_rewind,
+}
 
 
 def prune_(

@@ -1,11 +1,23 @@
-"""Schedules: when pruning happens, and to what sparsity at each point.
+"""Schedules: when pruning happens, and what happens then.
 
 A schedule maps a step count (the number of ``Pruner.step()`` calls so far, normally one per
-optimizer step) to the sparsity to reach at that step, or ``None`` when nothing happens then.
+optimizer step) to the *events* of that step. The three ways to sparsify share this one
+interface:
+
+* after training (``oneshot``) and during training (``iterative``, ``gradual``, ``lottery``)
+  only ever prune more: their events are :class:`PruneTo`, and the lottery ticket adds
+  :class:`Snapshot` and :class:`Rewind` (back to early weights after each round);
+* sparse from the start (``static``, ``set``, ``rigl``) begin with a :class:`Remask` from a
+  random sparse initialisation, then move connections with :class:`DropGrow`;
+* alternating dense and sparse phases (``dsd``, ``iht``) add :class:`Densify`.
+
+Events are plain data; :class:`~secateurs.pruner.Pruner` carries them out. Simple schedules
+only implement :meth:`Schedule.sparsity_at`.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -23,18 +35,83 @@ def _check_int(value: object, name: str, minimum: int) -> int:
     return value
 
 
+def _check_fraction(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ConfigError(f"{name} must be a number in (0, 1); got {value!r}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class PruneTo:
+    """Prune to ``sparsity`` by the pruner's criterion and allocation; never regrows."""
+
+    sparsity: float
+
+
+@dataclass(frozen=True)
+class Remask:
+    """Masks computed afresh from the current (unmasked) weights: a sparse initialisation
+    (``criterion="random"``) or hard thresholding (``"magnitude"``). ``allocation`` overrides
+    the pruner's (``None`` keeps it). Weights may be revived."""
+
+    sparsity: float
+    criterion: str | None = None
+    allocation: str | None = None
+
+
+@dataclass(frozen=True)
+class DropGrow:
+    """In every layer, drop the ``fraction`` of live weights with the smallest magnitude and
+    grow as many dead ones (``grow="random"``: SET; ``"gradient"``: largest dense-gradient
+    magnitude, RigL). Grown weights start at zero; the sparsity is unchanged."""
+
+    fraction: float
+    grow: str
+
+
+@dataclass(frozen=True)
+class Densify:
+    """Remove the masks: every weight trains again (pruned ones restart from zero)."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Remember the model's weights now (the lottery ticket's rewind point)."""
+
+
+@dataclass(frozen=True)
+class Rewind:
+    """Set the surviving weights back to the snapshot (the masks stay)."""
+
+
+Event = PruneTo | Remask | DropGrow | Densify | Snapshot | Rewind
+
+
 class Schedule(ABC):
     """Base class of pruning schedules."""
 
     registry_name: ClassVar[str]
+    #: True when some event needs calibration data (RigL's dense gradients).
+    needs_data: ClassVar[bool] = False
+    #: True when the schedule drops and grows single weights (element structure only).
+    moves_weights: ClassVar[bool] = False
 
     @abstractmethod
     def sparsity_at(self, step: int, final: float) -> float | None:
         """Sparsity to prune to at ``step`` (given the final sparsity), or None."""
 
     @abstractmethod
-    def last_step(self) -> int:
-        """The last step at which this schedule prunes."""
+    def last_step(self, final: float | None = None) -> int:
+        """The last step at which this schedule does anything (some depend on the final
+        sparsity: the lottery ticket's number of rounds)."""
+
+    def events_at(self, step: int, final: float) -> list[Event]:
+        """What happens at ``step``, in order. By default: prune to :meth:`sparsity_at`."""
+        target = self.sparsity_at(step, final)
+        return [] if target is None else [PruneTo(target)]
 
 
 @SCHEDULES.register("oneshot")
@@ -50,7 +127,7 @@ class OneShot(Schedule):
     def sparsity_at(self, step: int, final: float) -> float | None:
         return final if step == self.at else None
 
-    def last_step(self) -> int:
+    def last_step(self, final: float | None = None) -> int:
         return self.at
 
 
@@ -79,7 +156,7 @@ class Iterative(Schedule):
         r = offset // self.every + 1
         return 1.0 - (1.0 - final) ** (r / self.rounds)
 
-    def last_step(self) -> int:
+    def last_step(self, final: float | None = None) -> int:
         return self.start + (self.rounds - 1) * self.every
 
 
@@ -113,5 +190,210 @@ class Gradual(Schedule):
         progress = (step - self.start) / (self.end - self.start)
         return final + (self.initial - final) * (1.0 - progress) ** 3
 
-    def last_step(self) -> int:
+    def last_step(self, final: float | None = None) -> int:
         return self.end
+
+
+@SCHEDULES.register("lottery")
+@dataclass
+class Lottery(Schedule):
+    """Lottery tickets (Frankle & Carbin 2019): iterative magnitude pruning with rewinding.
+
+    The weights are remembered at step ``rewind`` (0: the initialisation; a few hundred steps:
+    Frankle et al. 2020's late rewinding). Every ``every`` steps a round removes ``rate`` of the
+    weights still alive (the last round lands exactly on the final sparsity) and sets the
+    survivors back to the remembered values; training then starts again from there. Rounds
+    follow from the rate unless ``rounds`` is given. Global or per-layer pruning is the
+    pruner's allocation (``global`` / ``uniform``).
+    """
+
+    every: int = 1000
+    rate: float = 0.2
+    rewind: int = 0
+    rounds: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int(self.every, "Lottery every", 1)
+        self.rate = _check_fraction(self.rate, "Lottery rate")
+        _check_int(self.rewind, "Lottery rewind", 0)
+        if self.rewind >= self.every:
+            raise ConfigError(
+                f"Lottery rewind step {self.rewind} is not before the first round at step "
+                f"{self.every}; rewind to an earlier step or prune later"
+            )
+        if self.rounds is not None:
+            _check_int(self.rounds, "Lottery rounds", 1)
+
+    def round_count(self, final: float) -> int:
+        if self.rounds is not None:
+            return self.rounds
+        if final <= 0:
+            return 1
+        return max(1, math.ceil(math.log(1 - final) / math.log(1 - self.rate) - 1e-9))
+
+    def sparsity_at(self, step: int, final: float) -> float | None:
+        if step <= 0 or step % self.every:
+            return None
+        r = step // self.every
+        rounds = self.round_count(final)
+        if r > rounds:
+            return None
+        if r == rounds:
+            return final
+        if self.rounds is not None:
+            return 1.0 - (1.0 - final) ** (r / rounds)
+        return min(final, 1.0 - (1.0 - self.rate) ** r)
+
+    def events_at(self, step: int, final: float) -> list[Event]:
+        events: list[Event] = [Snapshot()] if step == self.rewind else []
+        target = self.sparsity_at(step, final)
+        if target is not None:
+            events += [PruneTo(target), Rewind()]
+        return events
+
+    def last_step(self, final: float | None = None) -> int:
+        if final is None and self.rounds is None:
+            raise ConfigError("Lottery's last step depends on the final sparsity; pass it")
+        return self.every * self.round_count(final or 0.0)
+
+
+@dataclass
+class _SparseFromStart(Schedule):
+    """Shared by the schedules that train sparse from step 0: a random sparse initialisation
+    with ``distribution`` (``erk`` or ``uniform``) and, every ``every`` steps before ``end``,
+    a drop-and-grow update of ``fraction`` of each layer's live weights."""
+
+    every: int = 100
+    end: int = 1000
+    fraction: float = 0.3
+    distribution: str = "erk"
+
+    _grow: ClassVar[str] = "random"
+    moves_weights = True
+
+    def __post_init__(self) -> None:
+        _check_int(self.every, f"{type(self).__name__} every", 1)
+        _check_int(self.end, f"{type(self).__name__} end", 1)
+        self.fraction = _check_fraction(self.fraction, f"{type(self).__name__} fraction")
+        if self.distribution not in ("erk", "uniform"):
+            raise ConfigError(
+                f"{type(self).__name__} distribution {self.distribution!r} is unknown; "
+                "allowed: erk, uniform"
+            )
+
+    def sparsity_at(self, step: int, final: float) -> float | None:
+        return final if step == 0 else None
+
+    def fraction_at(self, step: int) -> float:
+        return self.fraction
+
+    def events_at(self, step: int, final: float) -> list[Event]:
+        if step == 0:
+            return [Remask(final, "random", self.distribution)]
+        if step % self.every or step >= self.end:
+            return []
+        return [DropGrow(self.fraction_at(step), self._grow)]
+
+    def last_step(self, final: float | None = None) -> int:
+        return max(0, ((self.end - 1) // self.every) * self.every)
+
+
+@SCHEDULES.register("static")
+@dataclass
+class Static(_SparseFromStart):
+    """Fixed sparse training: a random sparse initialisation (ERK or uniform) kept throughout."""
+
+    moves_weights = False
+
+    def events_at(self, step: int, final: float) -> list[Event]:
+        return [Remask(final, "random", self.distribution)] if step == 0 else []
+
+    def last_step(self, final: float | None = None) -> int:
+        return 0
+
+
+@SCHEDULES.register("set")
+@dataclass
+class SET(_SparseFromStart):
+    """Sparse Evolutionary Training (Mocanu et al. 2018): every ``every`` steps until ``end``,
+    drop ``fraction`` of each layer's live weights with the smallest magnitude and regrow as
+    many at random."""
+
+
+@SCHEDULES.register("rigl")
+@dataclass
+class RigL(_SparseFromStart):
+    """Rigging the Lottery (Evci et al. 2020): drop by magnitude, regrow where the dense
+    gradient is largest. The drop fraction decays as ``fraction/2 * (1 + cos(pi * t / end))``
+    and updates stop at ``end``. The dense gradient is computed on calibration batches only at
+    update steps (the pruner's ``data``); the model otherwise never runs dense."""
+
+    needs_data = True
+    _grow = "gradient"
+
+    def fraction_at(self, step: int) -> float:
+        return self.fraction / 2 * (1 + math.cos(math.pi * step / self.end))
+
+
+@SCHEDULES.register("dsd")
+@dataclass
+class DSD(Schedule):
+    """Dense-Sparse-Dense training (Han et al. 2017): train dense, prune to the final sparsity
+    at ``start`` and train sparse, then at ``end`` remove the masks and train dense again (at a
+    lower learning rate, the user's choice). The result is dense: DSD buys accuracy, not size."""
+
+    start: int = 0
+    end: int = 1000
+
+    def __post_init__(self) -> None:
+        _check_int(self.start, "DSD start", 0)
+        _check_int(self.end, "DSD end", self.start + 1)
+
+    def sparsity_at(self, step: int, final: float) -> float | None:
+        return final if step == self.start else None
+
+    def events_at(self, step: int, final: float) -> list[Event]:
+        if step == self.end:
+            return [Densify()]
+        return super().events_at(step, final)
+
+    def last_step(self, final: float | None = None) -> int:
+        return self.end
+
+
+@SCHEDULES.register("iht")
+@dataclass
+class IHT(Schedule):
+    """Iterative hard thresholding (Jin et al. 2016): ``cycles`` of a sparse phase (the
+    largest-magnitude weights at the final sparsity, chosen afresh) of ``sparse`` steps and a
+    dense phase of ``dense`` steps, from ``start``; a last hard threshold ends sparse."""
+
+    sparse: int = 500
+    dense: int = 500
+    cycles: int = 2
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int(self.sparse, "IHT sparse", 1)
+        _check_int(self.dense, "IHT dense", 1)
+        _check_int(self.cycles, "IHT cycles", 1)
+        _check_int(self.start, "IHT start", 0)
+
+    def sparsity_at(self, step: int, final: float) -> float | None:
+        offset = step - self.start
+        period = self.sparse + self.dense
+        if offset < 0 or offset > self.cycles * period or offset % period:
+            return None
+        return final
+
+    def events_at(self, step: int, final: float) -> list[Event]:
+        if self.sparsity_at(step, final) is not None:
+            return [Remask(final, "magnitude")]
+        offset = step - self.start
+        period = self.sparse + self.dense
+        if 0 <= offset < self.cycles * period and offset % period == self.sparse:
+            return [Densify()]
+        return []
+
+    def last_step(self, final: float | None = None) -> int:
+        return self.start + self.cycles * (self.sparse + self.dense)

@@ -10,10 +10,12 @@ from secateurs.allocation.base import (
     Uniform,
     check_sparsity,
 )
+from secateurs.allocation.erk import ERK, erk_densities
 from secateurs.allocation.select import select_lowest
 
 __all__ = [
     "ALLOCATIONS",
+    "ERK",
     "LAMP",
     "Allocation",
     "Global",
@@ -21,5 +23,6 @@ __all__ = [
     "Pool",
     "Uniform",
     "check_sparsity",
+    "erk_densities",
     "select_lowest",
 ]

@@ -1,0 +1,110 @@
+"""The mechanics of training sparse: moving connections, rewinding weights, resetting state.
+
+Schedules say *when* (:mod:`secateurs.schedules`); this module says *how*, for the events that
+do more than prune further:
+
+* :func:`drop_and_grow`: in one tensor, drop the live weights of smallest magnitude and grow as
+  many dead ones, at random (SET) or where the dense gradient is largest (RigL). The number of
+  live weights is unchanged, so the sparsity stays the one asked, layer by layer.
+* :class:`WeightSnapshot`: the lottery ticket's rewind point (every parameter and buffer except
+  the masks), restored with the current masks applied.
+* :func:`reset_optimizer_state`: a grown or rewound weight must not inherit momentum or Adam
+  moments from its previous life.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from secateurs.errors import ConfigError
+from secateurs.masks import iter_masks, raw_parameter
+
+GROW_RULES = ("random", "gradient")
+
+
+def drop_and_grow(
+    weight: Tensor,
+    mask: Tensor,
+    fraction: float,
+    grow: str,
+    *,
+    gradient: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """New keep-mask of ``weight`` after one update, and the positions grown.
+
+    ``k = floor(fraction * live)`` live weights with the smallest ``|weight|`` are dropped (ties
+    by position), then ``k`` positions among the dead ones (just-dropped included, as in RigL)
+    are grown: uniformly at random, or by largest ``|gradient|``.
+    """
+    if grow not in GROW_RULES:
+        raise ConfigError(f"grow rule {grow!r} is unknown; allowed: {', '.join(GROW_RULES)}")
+    flat_mask = mask.reshape(-1).to(torch.bool)
+    live = int(flat_mask.sum())
+    k = int(fraction * live)
+    grown = torch.zeros_like(flat_mask)
+    if k == 0:
+        return flat_mask.clone().reshape(mask.shape), grown.reshape(mask.shape)
+    magnitude = weight.detach().reshape(-1).abs().to(torch.float32)
+    magnitude = torch.where(flat_mask, magnitude, torch.full_like(magnitude, float("inf")))
+    drop = torch.argsort(magnitude, stable=True)[:k]
+    kept = flat_mask.clone()
+    kept[drop] = False
+    if grow == "random":
+        score = torch.rand(kept.shape, generator=generator)
+    else:
+        if gradient is None:
+            raise ConfigError("growing by gradient needs the dense gradient of the tensor")
+        score = gradient.detach().reshape(-1).abs().to(torch.float32).cpu()
+    score = torch.where(kept, torch.full_like(score, -float("inf")), score)
+    chosen = torch.argsort(score, descending=True, stable=True)[:k]
+    grown[chosen] = True
+    return (kept | grown).reshape(mask.shape), grown.reshape(mask.shape)
+
+
+class WeightSnapshot:
+    """A copy of every parameter and buffer of a model except its masks, to rewind to.
+
+    Tensors are remembered by identity, which survives masking (the raw parameter object is
+    kept by the mask parametrization), so a rewind after pruning restores the same tensors.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        mask_ids = {id(mask) for _, _, _, mask in iter_masks(model)}
+        tensors = [*model.parameters(), *(b for b in model.buffers() if id(b) not in mask_ids)]
+        self.saved = [(t, t.detach().clone()) for t in tensors]
+
+    def restore(self, model: nn.Module) -> None:
+        """Copy the remembered values back, then zero what the current masks prune."""
+        with torch.no_grad():
+            for tensor, value in self.saved:
+                tensor.copy_(value)
+            for _, module, name, mask in iter_masks(model):
+                raw_parameter(module, name).masked_fill_(~mask, 0)
+
+
+def reset_optimizer_state(
+    optimizer: torch.optim.Optimizer | None,
+    positions: Mapping[int, Tensor] | Iterable[nn.Parameter],
+) -> None:
+    """Zero the per-weight optimizer state (momentum, Adam moments) of some weights.
+
+    ``positions`` maps ``id(parameter)`` to a bool tensor of the entries to reset, or is an
+    iterable of parameters whose whole state is reset. Scalars (Adam's step count) are kept.
+    """
+    if optimizer is None:
+        return
+    if not isinstance(positions, Mapping):
+        positions = {id(p): torch.ones_like(p, dtype=torch.bool) for p in positions}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            where = positions.get(id(param))
+            state = optimizer.state.get(param)
+            if where is None or not state:
+                continue
+            for value in state.values():
+                if isinstance(value, Tensor) and value.shape == param.shape:
+                    value.masked_fill_(where.to(value.device), 0)

@@ -1,0 +1,329 @@
+"""Sparse training schedules: static sparse, SET, RigL, lottery tickets, DSD, IHT; ERK."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tests.conftest import make_cnn, make_mlp
+from torch import nn
+from torch.nn.utils import parametrize
+
+import secateurs as sc
+from secateurs.allocation import erk_densities
+from secateurs.schedules import IHT, SET, Lottery, RigL
+from secateurs.sparse_training import drop_and_grow
+
+
+def _data(n: int = 64, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 16, generator=g)
+    y = torch.randint(0, 8, (n,), generator=g)
+    return [(x[i : i + 16], y[i : i + 16]) for i in range(0, n, 16)]
+
+
+def _live(model: nn.Module) -> dict[str, int]:
+    return {k: int(m.sum()) for k, m in sc.collect_masks(model).items()}
+
+
+def _train_steps(
+    model: nn.Module, pruner: sc.Pruner, opt: torch.optim.Optimizer, steps: int
+) -> list[dict[str, torch.Tensor]]:
+    """Run ``steps`` optimizer steps with ``pruner.step()`` after each; masks after each step."""
+    data = _data()
+    masks = []
+    for i in range(steps):
+        x, y = data[i % len(data)]
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pruner.step()
+        masks.append(sc.collect_masks(model))
+    return masks
+
+
+# --------------------------------------------------------------------------- ERK
+
+
+def test_erk_meets_the_density_and_favours_small_layers() -> None:
+    shapes = [(300, 784), (100, 300), (10, 100)]
+    dens = erk_densities(shapes, 0.1)
+    sizes = [math.prod(s) for s in shapes]
+    assert sum(d * n for d, n in zip(dens, sizes, strict=True)) == pytest.approx(0.1 * sum(sizes))
+    assert dens[0] < dens[1] < dens[2] == 1.0  # the small output layer is kept dense
+    # proportional to sum/prod among layers that are not capped
+    assert dens[0] / dens[1] == pytest.approx((1084 / 235200) / (400 / 30000))
+
+
+def test_erk_allocation_obtains_the_sparsity_asked() -> None:
+    model = make_cnn()
+    sc.prune_(model, sparsity=0.8, allocation="erk", criterion="random")
+    masks = sc.collect_masks(model)
+    total = sum(m.numel() for m in masks.values())
+    zeros = sum(int((~m).sum()) for m in masks.values())
+    assert zeros / total == pytest.approx(0.8, abs=2 / total)
+
+
+# --------------------------------------------------------------------------- static, SET, RigL
+
+
+def test_static_sparse_training_keeps_its_random_erk_mask() -> None:
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    pruner = sc.Pruner(model, sparsity=0.9, schedule="static", optimizer=opt)
+    pruner.step()
+    first = sc.collect_masks(model)
+    assert pruner.measured_sparsity() == pytest.approx(0.9, abs=1 / 768)
+    masks = _train_steps(model, pruner, opt, 10)
+    assert all(torch.equal(m[k], first[k]) for m in masks for k in first)
+    assert pruner.measured_sparsity() == pytest.approx(0.9, abs=1 / 768)
+    # the same seed gives the same random mask; another seed another
+    again = make_mlp()
+    sc.Pruner(again, sparsity=0.9, schedule="static").step()
+    assert all(torch.equal(sc.collect_masks(again)[k], v) for k, v in first.items())
+    other = make_mlp()
+    sc.Pruner(other, sparsity=0.9, schedule="static", seed=1).step()
+    assert any(not torch.equal(sc.collect_masks(other)[k], v) for k, v in first.items())
+
+
+@pytest.mark.parametrize("name", ["set", "rigl"])
+def test_drop_and_grow_keeps_each_layers_count_and_moves_connections(name: str) -> None:
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    schedule = {"name": name, "every": 3, "end": 13, "fraction": 0.3}
+    pruner = sc.Pruner(
+        model,
+        sparsity=0.8,
+        schedule=schedule,
+        optimizer=opt,
+        data=_data(),
+        loss_fn=nn.functional.cross_entropy,
+    )
+    pruner.step()
+    live = _live(model)
+    before = sc.collect_masks(model)
+    masks = _train_steps(model, pruner, opt, 15)
+    for m in masks:
+        assert {k: int(v.sum()) for k, v in m.items()} == live
+    # updates happened at steps 3, 6, 9, 12 (step() counts from 0) and never after `end`
+    changes = [
+        i + 1
+        for i in range(len(masks))
+        if any(not torch.equal(masks[i][k], (masks[i - 1] if i else before)[k]) for k in live)
+    ]
+    if name == "set":
+        assert changes == [3, 6, 9, 12]
+    else:  # RigL's cosine-decayed fraction moves nothing once it rounds to zero weights
+        assert changes[:3] == [3, 6, 9] and set(changes) <= {3, 6, 9, 12}
+    kinds = [e.kind for e in pruner.history]
+    assert kinds == ["remask"] + ["drop_grow"] * 4
+    assert pruner.done
+
+
+def test_grown_weights_start_at_zero_with_fresh_optimizer_state() -> None:
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner = sc.Pruner(
+        model, sparsity=0.7, schedule={"name": "set", "every": 4, "end": 100}, optimizer=opt
+    )
+    pruner.step()
+    _train_steps(model, pruner, opt, 3)  # steps 1..3: momentum builds up, no update yet
+    before = sc.collect_masks(model)
+    _train_steps(model, pruner, opt, 1)  # step 4: the update (pruner.step() with steps_done 4)
+    after = sc.collect_masks(model)
+    grown_any = False
+    for name, mask in after.items():
+        grown = mask & ~before[name]
+        module = model.get_submodule(name.rpartition(".")[0])
+        raw = module.parametrizations.weight.original
+        assert bool((raw.detach()[grown] == 0).all())
+        assert bool((opt.state[raw]["momentum_buffer"][grown] == 0).all())
+        grown_any |= bool(grown.any())
+    assert grown_any
+
+
+def test_rigl_grows_where_the_dense_gradient_is_largest() -> None:
+    model = make_mlp()
+    data = _data()
+    pruner = sc.Pruner(
+        model,
+        sparsity=0.75,
+        schedule={"name": "rigl", "every": 1, "end": 10, "fraction": 0.4},
+        data=data[:1],
+        loss_fn=nn.functional.cross_entropy,
+        calibration_batches=1,
+    )
+    pruner.step()
+    before = sc.collect_masks(model)
+    # the dense gradient, computed independently on a plain copy of the effective weights
+    plain = copy.deepcopy(model)
+    sc.make_permanent_(plain)
+    x, y = data[0]
+    plain.eval()
+    nn.functional.cross_entropy(plain(x), y).backward()
+    weights = {n: model.get_submodule(n.rpartition(".")[0]).weight.detach() for n in before}
+    pruner.step()  # step 1: one RigL update with fraction 0.4/2 * (1 + cos(pi/10))
+    fraction = RigL(every=1, end=10, fraction=0.4).fraction_at(1)
+    for name, mask in sc.collect_masks(model).items():
+        old = before[name]
+        k = int(fraction * int(old.sum()))
+        w = weights[name]
+        # the k live weights of smallest magnitude are dropped (ties by position)...
+        order = torch.argsort(torch.where(old, w.abs(), torch.inf).flatten(), stable=True)[:k]
+        survivors = old.flatten().clone()
+        survivors[order] = False
+        survivors = survivors.reshape(old.shape)
+        assert bool((mask | ~survivors).all())  # every survivor is still live
+        # ...and k positions are grown among the rest: those of largest dense gradient
+        grown = mask & ~survivors
+        assert int(grown.sum()) == k and int(mask.sum()) == int(old.sum())
+        g = plain.get_submodule(name.rpartition(".")[0]).weight.grad.abs()
+        assert float(g[grown].min()) >= float(g[~survivors & ~mask].max())
+
+
+def test_rigl_needs_data_and_set_needs_elements() -> None:
+    with pytest.raises(sc.ConfigError, match="RigL needs calibration data"):
+        sc.Pruner(make_mlp(), sparsity=0.5, schedule="rigl")
+    with pytest.raises(sc.ConfigError, match="elements"):
+        sc.Pruner(make_mlp(), sparsity=0.5, schedule="set", structure=sc.NM(2, 4))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 20),
+    cols=st.integers(1, 30),
+    density=st.floats(0.05, 1.0),
+    fraction=st.floats(0.01, 0.99),
+    grow=st.sampled_from(["random", "gradient"]),
+    seed=st.integers(0, 1000),
+)
+def test_drop_and_grow_properties(
+    rows: int, cols: int, density: float, fraction: float, grow: str, seed: int
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    mask = torch.rand(rows, cols, generator=g) < density
+    grad = torch.randn(rows, cols, generator=g)
+    new, grown = drop_and_grow(w, mask, fraction, grow, gradient=grad, generator=g)
+    k = int(fraction * int(mask.sum()))
+    assert int(new.sum()) == int(mask.sum())  # the count of live weights is unchanged
+    assert int(grown.sum()) == k
+    dropped = mask & ~new
+    assert int(dropped.sum()) <= k
+    if k and bool((mask & new).any()) and bool(dropped.any()):
+        # no kept live weight is smaller than a dropped one that was not regrown
+        assert float(w.abs()[mask & new & ~grown].min()) >= float(w.abs()[dropped].max())
+
+
+# --------------------------------------------------------------------------- lottery
+
+
+def test_lottery_rounds_prune_a_fifth_of_what_remains_and_rewind_the_survivors() -> None:
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    schedule = Lottery(every=5, rate=0.2, rewind=0)
+    final = 1 - 0.8**3  # three rounds exactly
+    pruner = sc.Pruner(model, sparsity=final, schedule=schedule, optimizer=opt)
+    assert schedule.round_count(final) == 3 and pruner.last_step == 15
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pruner.step()  # step 0: the snapshot of the initial weights
+    data = _data()
+    sparsities = []
+    for step in range(1, 16):
+        x, y = data[step % len(data)]
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if pruner.step() and step % 5 == 0:
+            sparsities.append(pruner.measured_sparsity())
+            # every surviving weight (and every bias) is back at its initial value
+            for name, module in model.named_modules():
+                if isinstance(module, nn.Linear):
+                    w, mask = module.weight.detach(), module.parametrizations.weight[0].mask
+                    assert torch.equal(w[mask], initial[f"{name}.weight"][mask])
+                    assert bool((w[~mask] == 0).all())
+                    assert torch.equal(module.bias, initial[f"{name}.bias"])
+            assert all(
+                not bool(s["momentum_buffer"].any()) for s in opt.state.values()
+            )  # training restarts with a fresh optimizer state
+    expected = [1 - 0.8, 1 - 0.8**2, final]
+    assert sparsities == pytest.approx(expected, abs=2 / 768)
+    assert [e.kind for e in pruner.history] == ["snapshot"] + ["prune", "rewind"] * 3
+
+
+def test_lottery_bad_input() -> None:
+    with pytest.raises(sc.ConfigError, match="rewind step 10"):
+        Lottery(every=10, rewind=10)
+    with pytest.raises(sc.ConfigError, match=r"\(0, 1\)"):
+        Lottery(rate=1.0)
+    with pytest.raises(sc.ConfigError, match=r"\(0, 1\)"):
+        SET(fraction=0.0)
+    with pytest.raises(sc.ConfigError, match=">= 1"):
+        SET(every=0)
+    with pytest.raises(sc.ConfigError, match="distribution"):
+        RigL(distribution="normal")
+    with pytest.raises(sc.ConfigError, match=">= 1"):
+        IHT(sparse=0)
+
+
+# --------------------------------------------------------------------------- DSD, IHT
+
+
+def test_dsd_goes_dense_sparse_dense() -> None:
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = sc.Pruner(
+        model, sparsity=0.7, schedule={"name": "dsd", "start": 2, "end": 6}, optimizer=opt
+    )
+    pruner.step()
+    masks = _train_steps(model, pruner, opt, 8)
+    assert not masks[0]  # dense before `start`
+    assert masks[1] and masks[4]  # sparse from step 2 to 5
+    assert not masks[5] and not any(parametrize.is_parametrized(m) for m in model.modules())
+    # after re-densifying, the pruned weights train again from zero
+    final = model[0].weight.detach()
+    assert float((final == 0).float().mean()) < 0.05
+    assert [e.kind for e in pruner.history] == ["prune", "densify"]
+
+
+def test_iht_alternates_and_may_revive_weights() -> None:
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    pruner = sc.Pruner(
+        model,
+        sparsity=0.8,
+        schedule={"name": "iht", "sparse": 2, "dense": 6, "cycles": 2},
+        optimizer=opt,
+    )
+    pruner.step()
+    first = sc.collect_masks(model)
+    masks = _train_steps(model, pruner, opt, 6)  # masks[i]: after step i + 1
+    dead = (~first["0.weight"]).nonzero()[0]
+    with torch.no_grad():
+        model[0].weight[tuple(dead)] = 10.0  # a weight pruned at step 0 grows large while dense
+    masks += _train_steps(model, pruner, opt, 10)
+    # steps 0-1 sparse, 2-7 dense, 8-9 sparse, 10-15 dense, 16 the final threshold
+    assert masks[0] and not masks[1] and not masks[6] and masks[7] and not masks[9]
+    assert masks[15] and pruner.measured_sparsity() == pytest.approx(0.8, abs=1 / 768)
+    assert bool(masks[7]["0.weight"][tuple(dead)])  # thresholding afresh revives it
+    assert [e.kind for e in pruner.history] == ["remask", "densify"] * 2 + ["remask"]
+
+
+def test_sparse_schedules_survive_state_dict_and_deepcopy() -> None:
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner = sc.Pruner(
+        model, sparsity=0.8, schedule={"name": "set", "every": 2, "end": 20}, optimizer=opt
+    )
+    pruner.step()
+    _train_steps(model, pruner, opt, 5)
+    clone = copy.deepcopy(model)
+    fresh = make_mlp(seed=3)
+    sc.load_masked_state_dict_(fresh, model.state_dict())
+    x = torch.randn(4, 16)
+    assert torch.equal(clone(x), model(x)) and torch.equal(fresh(x), model(x))
