@@ -187,3 +187,22 @@ def test_bad_export_section_is_refused_before_any_work(
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_lottery_recipe_saves_one_ticket_per_round(tmp_path: Path) -> None:
+    out = tmp_path / "lth"
+    code = run_cli("run", str(REPO / "recipes" / "lenet300-lottery.yaml"), "--out", str(out),
+                   "--set", "data.name=synthetic", "--set", "data.limit_train=256",
+                   "--set", "data.limit_test=64", "--set", "output.latency=false")  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    tickets = report["extra"]["lottery_tickets"]
+    assert len(tickets) == 5
+    sparsities = []
+    for path in tickets:
+        masks = load_file(path)
+        total = sum(m.numel() for m in masks.values())
+        sparsities.append(1 - sum(int(m.sum()) for m in masks.values()) / total)
+    assert sparsities == sorted(sparsities) and sparsities[-1] == pytest.approx(0.9, abs=0.01)
+    kinds = [e["kind"] for e in report["extra"]["prune_events"]]
+    assert kinds == ["snapshot"] + ["prune", "rewind"] * 5

@@ -26,7 +26,7 @@ from secateurs.compress import load_compressed, save_compressed, share_weights_
 from secateurs.data import DataBundle, load_dataset
 from secateurs.errors import ConfigError, ModelError
 from secateurs.export import export_onnx
-from secateurs.masks import make_permanent_
+from secateurs.masks import collect_masks, make_permanent_
 from secateurs.metrics import evaluate, measure_latency, profile
 from secateurs.pruner import Pruner
 from secateurs.recipe import Recipe, schedule_in_steps
@@ -250,13 +250,23 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
             + (f", accuracy {point['accuracy']:.2%}" if "accuracy" in point else "")
         )
 
+    tickets: list[str] = []
+
+    def on_step(_: int) -> None:
+        if pruner.step() and pruner.history[-1].kind == "rewind":
+            # a lottery round ended: keep its ticket (the masks) as a checkpoint
+            path = out_dir / f"ticket_round{len(tickets) + 1}.safetensors"
+            save_file({k: v.contiguous().cpu() for k, v in collect_masks(model).items()}, str(path))
+            tickets.append(str(path))
+            progress.message(f"lottery round {len(tickets)}: ticket saved to {path}")
+
     if ft_cfg.epochs:
         progress.phase("pruning and fine-tuning", ft_steps)
         train(
             model,
             train_loader,
             ft_cfg,
-            on_step=lambda _: pruner.step(),
+            on_step=on_step,
             on_epoch_end=on_epoch_end,
             progress=progress.advance,
         )
@@ -296,6 +306,7 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
         class_names=list(bundle.class_names),
         extra={
             **({"export": exported} if exported else {}),
+            **({"lottery_tickets": tickets} if tickets else {}),
             "prune_events": history,
             "seconds": {
                 "dense": dense_seconds,

@@ -4,7 +4,8 @@ A recipe is parsed into plain dataclasses and validated completely before any wo
 unknown key or a bad value is a :class:`ConfigError` that names the key path, the value and what
 is allowed. Method names resolve through the registries, so ``criterion: obd`` or
 ``structure: {name: nm, n: 2, m: 4}`` work and user-registered methods too. In a recipe, schedule
-times (``start``, ``end``, ``every``) are counted in epochs of the fine-tuning phase; fractions
+times (``start``, ``end``, ``every``, ``at``, ``rewind``, ``sparse``, ``dense``) are counted in
+epochs of the fine-tuning phase; fractions
 are allowed and are converted to optimizer steps when the data set's size is known.
 """
 
@@ -171,7 +172,9 @@ _METHOD_FIELDS: dict[str, Registry[Any]] = {
     "prune.allocation": ALLOCATIONS,
     "prune.schedule": SCHEDULES,
 }
-_EPOCH_KEYS = ("start", "end", "every", "at")
+_EPOCH_KEYS = ("start", "end", "every", "at", "rewind", "sparse", "dense")
+#: Durations, at least one step once converted.
+_DURATION_KEYS = ("every", "sparse", "dense")
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -335,5 +338,5 @@ def schedule_in_steps(spec: MethodSpec, steps_per_epoch: int) -> MethodSpec:
                     f"recipe key 'prune.schedule.{key}' has value {value!r}; expected a number of epochs"
                 )
             steps = round(value * steps_per_epoch)
-            out[key] = max(steps, 1) if key == "every" else steps
+            out[key] = max(steps, 1) if key in _DURATION_KEYS else steps
     return out
