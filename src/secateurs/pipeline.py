@@ -343,8 +343,10 @@ def _export(
         if ex.centroid_epochs:
             share_weights_(model, bits=ex.bits, layer_bits=ex.layer_bits)
             ft = recipe.finetune.config(recipe.train)
-            lr = ex.centroid_lr if ex.centroid_lr is not None else ft.lr
-            train(model, loaders[0], dataclasses.replace(ft, epochs=ex.centroid_epochs, lr=lr))
+            lr = ex.centroid_lr if ex.centroid_lr is not None else recipe.train.lr / 100
+            # no weight decay: it would pull each shared value toward zero, not a weight
+            tune = dataclasses.replace(ft, epochs=ex.centroid_epochs, lr=lr, weight_decay=0.0)
+            train(model, loaders[0], tune)
         path = out_dir / COMPRESSED_FILE
         info = save_compressed(
             model, path, ex.compress_config(), metadata={"model": recipe.model.name}

@@ -119,8 +119,9 @@ class ExportSection:
     ``compressed`` writes ``model.sct`` (Deep Compression: sparse positions, shared or linearly
     quantized weights, Huffman coding; see :class:`secateurs.compress.CompressConfig` for
     ``quantization``, ``bits``, ``layer_bits``, ``index_bits`` and ``huffman``). With k-means
-    sharing, ``centroid_epochs`` of centroid fine-tuning run first, at ``centroid_lr`` (null: the
-    fine-tuning learning rate). The accuracy reported for the file is that of the model loaded
+    sharing, ``centroid_epochs`` of centroid fine-tuning run first, at ``centroid_lr`` (null: a
+    hundredth of the training rate, since a centroid's gradient sums those of every weight
+    sharing it) and without weight decay. The accuracy reported for the file is that of the model loaded
     back from it. ``onnx`` writes ``model.onnx``, checked against PyTorch with onnxruntime.
     """
 
