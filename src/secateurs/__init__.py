@@ -8,7 +8,7 @@ The public surface, re-exported here; everything else is internal::
     sc.make_permanent_(model)
 """
 
-from secateurs.allocation import ALLOCATIONS, LAMP, Allocation, Global, LayerMap, Uniform
+from secateurs.allocation import ALLOCATIONS, ERK, LAMP, Allocation, Global, LayerMap, Uniform
 from secateurs.budgets import BUDGETS, Budget, Params, Sparsity
 from secateurs.compress import (
     CompressConfig,
@@ -28,7 +28,19 @@ from secateurs.masks import (
 )
 from secateurs.metrics import summary
 from secateurs.pruner import Pruner, compute_masks, prune_
-from secateurs.schedules import SCHEDULES, Gradual, Iterative, OneShot, Schedule
+from secateurs.schedules import (
+    DSD,
+    IHT,
+    SCHEDULES,
+    SET,
+    Gradual,
+    Iterative,
+    Lottery,
+    OneShot,
+    RigL,
+    Schedule,
+    Static,
+)
 from secateurs.structures import NM, STRUCTURES, Blocks, Channels, Elements, Structure
 from secateurs.targets import Target, find_targets
 
@@ -38,10 +50,14 @@ __all__ = [
     "ALLOCATIONS",
     "BUDGETS",
     "CRITERIA",
+    "DSD",
+    "ERK",
+    "IHT",
     "LAMP",
     "NM",
     "OBD",
     "SCHEDULES",
+    "SET",
     "STRUCTURES",
     "Allocation",
     "Blocks",
@@ -58,15 +74,18 @@ __all__ = [
     "Gradual",
     "Iterative",
     "LayerMap",
+    "Lottery",
     "Magnitude",
     "ModelError",
     "OneShot",
     "Params",
     "Pruner",
     "Random",
+    "RigL",
     "Schedule",
     "SecateursError",
     "Sparsity",
+    "Static",
     "Structure",
     "Target",
     "Taylor",
