@@ -58,7 +58,31 @@ def global_masks() -> str:
     return "\n".join(lines)
 
 
+def deep_compression() -> str:
+    """One row per model and setting: accuracy before/after, file bytes, ratio."""
+    rows = []
+    for path in sorted(RESULTS.glob("deep_compression*.json")):
+        rows += json.loads(path.read_text())["rows"]
+    if not rows:
+        return ""
+    lines = [
+        "| model | nonzero values | bits conv/fc | dense | pruned | from the .sct file | change "
+        "| dense file (B) | .sct file (B) | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['nonzeros'] / r['params']:.1%} | {r['bits']['conv']}/{r['bits']['fc']} "
+            f"| {r['dense_accuracy']:.2%} | {r['pruned_accuracy']:.2%} | {r['accuracy_from_file']:.2%} "
+            f"| {r['accuracy_change_pt']:+.2f} pt | {r['dense_file_bytes']:,} | {r['file_bytes']:,} "
+            f"| **{r['ratio']:.1f}x** |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(finegrained())
     print()
     print(global_masks())
+    print()
+    print(deep_compression())
