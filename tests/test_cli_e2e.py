@@ -206,3 +206,35 @@ def test_lottery_recipe_saves_one_ticket_per_round(tmp_path: Path) -> None:
     assert sparsities == sorted(sparsities) and sparsities[-1] == pytest.approx(0.9, abs=0.01)
     kinds = [e["kind"] for e in report["extra"]["prune_events"]]
     assert kinds == ["snapshot"] + ["prune", "rewind"] * 5
+
+
+def test_finetuning_with_regularizer_and_distillation(tmp_path: Path) -> None:
+    out = tmp_path / "kd"
+    code = run_cli("run", str(REPO / "recipes" / "quick-synthetic.yaml"), "--out", str(out),
+                   "--set", "data.limit_train=256", "--set", "data.limit_test=64",
+                   "--set", "finetune.distill={temperature: 2.0, alpha: 0.5}",
+                   "--set", "finetune.regularizers=[{name: l1, coefficient: 0.0001}]")  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["recipe"]["finetune"]["distill"] == {"temperature": 2.0, "alpha": 0.5}
+    assert report["pruned"]["nonzeros"] < report["dense"]["nonzeros"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("finetune.distill={temp: 2}", "finetune.distill"),
+        ("finetune.distill={alpha: 1.5}", "finetune.distill"),
+        ("finetune.regularizers=[l0]", "unknown regularizer 'l0'"),
+        ("finetune.regularizers=[{name: l1, coefficient: -1}]", "finetune.regularizers[0]"),
+        ("prune.schedule={name: lottery, every: 1, rewind: 2}", "rewind"),
+        ("prune.schedule={name: set, fraction: 1.5}", "(0, 1)"),
+    ],
+)
+def test_bad_recovery_or_sparse_training_options_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, message: str
+) -> None:
+    code = run_cli("run", str(REPO / "recipes" / "quick-synthetic.yaml"), "--out",
+                   str(tmp_path / "r"), "--set", override)  # fmt: skip
+    assert code == 2
+    assert message in capsys.readouterr().err

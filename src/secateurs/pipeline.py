@@ -7,6 +7,8 @@ into progress bars.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
 import platform
@@ -30,8 +32,9 @@ from secateurs.masks import collect_masks, make_permanent_
 from secateurs.metrics import evaluate, measure_latency, profile
 from secateurs.pruner import Pruner
 from secateurs.recipe import Recipe, schedule_in_steps
+from secateurs.registry import build_dataclass
 from secateurs.report import RunReport, write_report
-from secateurs.train import train
+from secateurs.train import REGULARIZERS, Distillation, make_optimizer, train
 from secateurs.zoo import build_model
 
 MODEL_FILE = "model.safetensors"
@@ -231,6 +234,8 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
             "accuracy": dense["accuracy"],
         }
     ]
+    # the dense model teaches the pruned one when the recipe distills
+    teacher = copy.deepcopy(model) if recipe.finetune.distill is not None else None
     t_prune = time.perf_counter()
     pruner.step()  # step 0: one-shot schedules prune before fine-tuning starts
     ft_cfg = recipe.finetune.config(train_cfg)
@@ -262,14 +267,26 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
 
     if ft_cfg.epochs:
         progress.phase("pruning and fine-tuning", ft_steps)
-        train(
-            model,
-            train_loader,
-            ft_cfg,
-            on_step=on_step,
-            on_epoch_end=on_epoch_end,
-            progress=progress.advance,
-        )
+        # the pruner resets the optimizer state of weights it grows, revives or rewinds
+        pruner.optimizer = make_optimizer(model, ft_cfg)
+        terms: list[Any] = [
+            REGULARIZERS.build(spec).bind(model) for spec in recipe.finetune.regularizers
+        ]
+        with contextlib.ExitStack() as stack:
+            if teacher is not None:
+                kd = build_dataclass(Distillation, recipe.finetune.distill or {}, "distillation")
+                stack.enter_context(kd.bind(teacher, model, example[:2]))
+                terms.append(kd)
+            train(
+                model,
+                train_loader,
+                ft_cfg,
+                on_step=on_step,
+                on_epoch_end=on_epoch_end,
+                progress=progress.advance,
+                loss_terms=terms,
+                optimizer=pruner.optimizer,
+            )
     prune_seconds = time.perf_counter() - t_prune
     plan = pruner.plan()
     history = [e.__dict__ for e in pruner.history]

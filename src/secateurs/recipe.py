@@ -26,10 +26,10 @@ from secateurs.budgets import BUDGETS
 from secateurs.compress.codec import CompressConfig
 from secateurs.criteria import CRITERIA
 from secateurs.errors import ConfigError
-from secateurs.registry import Registry
+from secateurs.registry import Registry, build_dataclass
 from secateurs.schedules import SCHEDULES
 from secateurs.structures import STRUCTURES
-from secateurs.train import TrainConfig, finetune_config
+from secateurs.train import REGULARIZERS, Distillation, TrainConfig, finetune_config
 
 MethodSpec = str | dict[str, Any]
 
@@ -77,13 +77,21 @@ class PruneSection:
 @dataclass
 class FinetuneSection:
     """Recovery training during and after pruning. Null values follow the ``train`` section,
-    except ``lr``, which defaults to a tenth of training's."""
+    except ``lr``, which defaults to a tenth of training's.
+
+    ``regularizers``: terms added to the loss (``l1``, ``l2``, ``group_lasso``, ``bn_l1``, by
+    name or ``{name: ..., coefficient: ...}``). ``distill``: options of
+    :class:`~secateurs.train.Distillation` (``temperature``, ``alpha``, ``beta``, ``features``)
+    to learn from the dense model as a teacher; ``{}`` takes the defaults, null turns it off.
+    """
 
     epochs: int = 5
     lr: float | None = None
     optimizer: str | None = None
     momentum: float | None = None
     weight_decay: float | None = None
+    regularizers: list[MethodSpec] = field(default_factory=list)
+    distill: dict[str, Any] | None = None
 
     def config(self, train: TrainConfig) -> TrainConfig:
         """The fine-tuning :class:`TrainConfig` derived from the training one."""
@@ -288,6 +296,13 @@ def validate(recipe: Recipe) -> Recipe:
             f"recipe key 'finetune.optimizer' has value {recipe.finetune.optimizer!r}; "
             "allowed: sgd, adamw, or null for the training optimizer"
         )
+    for i, spec in enumerate(recipe.finetune.regularizers):
+        _check_method(f"finetune.regularizers[{i}]", REGULARIZERS, spec)
+    if recipe.finetune.distill is not None:
+        try:
+            build_dataclass(Distillation, recipe.finetune.distill, "distillation")
+        except ConfigError as exc:
+            raise ConfigError(f"recipe key 'finetune.distill': {exc}") from None
     try:
         recipe.export.compress_config()
     except ConfigError as exc:

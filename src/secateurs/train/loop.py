@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -95,6 +95,43 @@ class TrainHistory:
     seconds: float = 0.0
 
 
+class LossTerm(Protocol):
+    """Something added to the training loss of every batch: a regularizer, distillation.
+
+    :func:`train` calls it with keywords after the forward pass: ``inputs`` and ``labels``
+    of the batch, the model's ``outputs`` and ``step``, the number of optimizer steps taken so
+    far (from 0, for coefficient schedules); it returns a scalar tensor. A term may carry a
+    ``task_weight`` attribute (1 when absent) that scales the task loss instead of leaving it
+    as is; distillation uses it for its ``(1 - alpha) * task_loss``.
+    """
+
+    def __call__(self, *, inputs: Any, outputs: Any, labels: Tensor, step: int) -> Tensor: ...
+
+
+def _task_weight(terms: Sequence[LossTerm]) -> float:
+    """The weight of the task loss the terms ask for (at most one term may change it)."""
+    weight, owner = 1.0, None
+    for term in terms:
+        if not callable(term):
+            raise ConfigError(
+                f"loss_terms entries must be callables (a regularizer, a Distillation); "
+                f"got {term!r}"
+            )
+        value = getattr(term, "task_weight", 1.0)
+        if not (_is_number(value) and value >= 0):
+            raise ConfigError(
+                f"loss term {term!r} has task_weight = {value!r}; must be a finite number >= 0"
+            )
+        if value != 1.0:
+            if owner is not None:
+                raise ConfigError(
+                    f"two loss terms reweight the task loss ({owner!r} and {term!r}); "
+                    "at most one may set task_weight"
+                )
+            weight, owner = float(value), term
+    return weight
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer ``config`` describes, over ``model``'s trainable parameters.
 
@@ -134,6 +171,20 @@ def _split_batch(batch: Any, step: int) -> tuple[Any, Tensor]:
     )
 
 
+def _total_loss(
+    loss: Tensor, terms: Sequence[LossTerm], inputs: Any, outputs: Any, labels: Tensor, step: int
+) -> Tensor:
+    for term in terms:
+        value = term(inputs=inputs, outputs=outputs, labels=labels, step=step)
+        if not (isinstance(value, Tensor) and value.numel() == 1):
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ConfigError(
+                f"loss term {term!r} returned {shape}; it must return a scalar tensor"
+            )
+        loss = loss + value.reshape(())
+    return loss
+
+
 def train(
     model: nn.Module,
     loader: Iterable[Any],
@@ -143,6 +194,8 @@ def train(
     on_epoch_end: Callable[[int, float], object] | None = None,
     progress: Callable[[int, int], object] | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    loss_terms: Sequence[LossTerm] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place on ``(inputs, labels)`` batches for ``config.epochs`` epochs.
 
@@ -150,8 +203,13 @@ def train(
     counts from 1), ``on_epoch_end(epoch, mean_loss)`` after every epoch (from 0), and
     ``progress(done, total)`` after every step for progress bars (``total`` is 0 when the loader
     has no length). ``loss_fn(outputs, labels)`` defaults to cross-entropy with the config's
-    label smoothing. Batches are moved to the model's device. The model is left in the
-    train/eval mode it came in. A non-finite loss stops training with a :class:`ConfigError` before the step is taken.
+    label smoothing. ``loss_terms`` (regularizers, distillation: see :class:`LossTerm`) are
+    added to it: the loss is ``task_weight * loss_fn(outputs, labels) + sum(terms)``, and the
+    history records that total. ``optimizer`` replaces the one ``config`` describes (its
+    learning rate still follows the config's schedule): pass the one a sparse-training
+    :class:`~secateurs.Pruner` resets state in. Batches are moved to the model's device. The model is left in
+    the train/eval mode it came in. A non-finite loss stops training with a
+    :class:`ConfigError` before the step is taken.
     """
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"config must be a TrainConfig; got {type(config).__name__}")
@@ -165,6 +223,12 @@ def train(
             "pass a sized loader (a DataLoader) or set cosine = false"
         )
     total = config.epochs * steps_per_epoch if steps_per_epoch is not None else 0
+    if loss_terms is not None and not isinstance(loss_terms, Sequence):
+        raise ConfigError(
+            f"loss_terms must be a list of loss terms; got {type(loss_terms).__name__}"
+        )
+    terms = list(loss_terms or [])
+    task_weight = _task_weight(terms)
 
     torch.manual_seed(config.seed)
     if loss_fn is None:
@@ -173,7 +237,8 @@ def train(
         def loss_fn(out: Tensor, y: Tensor) -> Tensor:
             return nn.functional.cross_entropy(out, y, label_smoothing=smoothing)
 
-    optimizer = make_optimizer(model, config)
+    if optimizer is None:
+        optimizer = make_optimizer(model, config)
     device = _model_device(model)
     history = TrainHistory()
     start = time.perf_counter()
@@ -191,7 +256,18 @@ def train(
                     lr = config.lr * 0.5 * (1 + math.cos(math.pi * history.steps / total))
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                loss = loss_fn(model(inputs), labels)
+                if terms:
+                    outputs = model(inputs)
+                    loss = _total_loss(
+                        task_weight * loss_fn(outputs, labels),
+                        terms,
+                        inputs,
+                        outputs,
+                        labels,
+                        history.steps,
+                    )
+                else:
+                    loss = loss_fn(model(inputs), labels)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise ConfigError(
