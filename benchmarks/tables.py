@@ -62,21 +62,48 @@ def deep_compression() -> str:
     """One row per model and setting: accuracy before/after, file bytes, ratio."""
     rows = []
     for path in sorted(RESULTS.glob("deep_compression*.json")):
-        rows += json.loads(path.read_text())["rows"]
+        data = json.loads(path.read_text())
+        rows += [{**r, "centroid_epochs": data["args"]["centroid_epochs"]} for r in data["rows"]]
     if not rows:
         return ""
     lines = [
-        "| model | nonzero values | bits conv/fc | dense | pruned | from the .sct file | change "
-        "| dense file (B) | .sct file (B) | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | nonzero values | bits conv/fc | centroid epochs | dense | pruned "
+        "| from the .sct file | change | dense file (B) | .sct file (B) | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    rows.sort(key=lambda r: (r["model"], -r["ratio"]))
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['nonzeros'] / r['params']:.1%} | {r['bits']['conv']}/{r['bits']['fc']} "
+            f"| {r['centroid_epochs']} "
             f"| {r['dense_accuracy']:.2%} | {r['pruned_accuracy']:.2%} | {r['accuracy_from_file']:.2%} "
             f"| {r['accuracy_change_pt']:+.2f} pt | {r['dense_file_bytes']:,} | {r['file_bytes']:,} "
             f"| **{r['ratio']:.1f}x** |"
         )
+    return "\n".join(lines)
+
+
+def sparse_inference() -> str:
+    """CSR speedup over dense by layer size, sparsity and batch."""
+    path = RESULTS / "sparse_inference.json"
+    if not path.is_file():
+        return ""
+    rows = json.loads(path.read_text())["rows"]
+    batches = sorted({r["batch"] for r in rows})
+    lines = [
+        "| layer (in x out) | sparsity | " + " | ".join(f"batch {b}" for b in batches) + " |",
+        "|---|---:|" + "---:|" * len(batches),
+    ]
+    at = {(r["size"], r["sparsity"], r["batch"]): r for r in rows}
+    for size in dict.fromkeys(r["size"] for r in rows):
+        for sparsity in (0.5, 0.8, 0.9, 0.95, 0.99):
+            cells = [
+                f"{at[size, sparsity, b]['speedup']['csr']:.2f}x"
+                if (size, sparsity, b) in at
+                else "–"
+                for b in batches
+            ]
+            lines.append(f"| {size} | {sparsity:.0%} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -86,3 +113,5 @@ if __name__ == "__main__":
     print(global_masks())
     print()
     print(deep_compression())
+    print()
+    print(sparse_inference())
