@@ -177,9 +177,15 @@ def test_inspect_a_bad_file_exits_2_with_one_line(
         ("export.quantization=zip", "quantization"),
         ("export.compresed=true", "unknown recipe key 'export.compresed'"),
         ("export.centroid_epochs=-1", "export.centroid_epochs"),
+        ("finetune.distill={temp: 2}", "finetune.distill"),
+        ("finetune.distill={alpha: 1.5}", "finetune.distill"),
+        ("finetune.regularizers=[l0]", "unknown regularizer 'l0'"),
+        ("finetune.regularizers=[{name: l1, coefficient: -1}]", "finetune.regularizers[0]"),
+        ("prune.schedule={name: lottery, every: 1, rewind: 2}", "rewind"),
+        ("prune.schedule={name: set, fraction: 1.5}", "(0, 1)"),
     ],
 )
-def test_bad_export_section_is_refused_before_any_work(
+def test_bad_export_recovery_or_schedule_options_are_refused_before_any_work(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, message: str
 ) -> None:
     code = run_cli("run", str(REPO / "recipes" / "quick-synthetic.yaml"), "--out",
@@ -218,23 +224,3 @@ def test_finetuning_with_regularizer_and_distillation(tmp_path: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["recipe"]["finetune"]["distill"] == {"temperature": 2.0, "alpha": 0.5}
     assert report["pruned"]["nonzeros"] < report["dense"]["nonzeros"]
-
-
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("finetune.distill={temp: 2}", "finetune.distill"),
-        ("finetune.distill={alpha: 1.5}", "finetune.distill"),
-        ("finetune.regularizers=[l0]", "unknown regularizer 'l0'"),
-        ("finetune.regularizers=[{name: l1, coefficient: -1}]", "finetune.regularizers[0]"),
-        ("prune.schedule={name: lottery, every: 1, rewind: 2}", "rewind"),
-        ("prune.schedule={name: set, fraction: 1.5}", "(0, 1)"),
-    ],
-)
-def test_bad_recovery_or_sparse_training_options_exit_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, message: str
-) -> None:
-    code = run_cli("run", str(REPO / "recipes" / "quick-synthetic.yaml"), "--out",
-                   str(tmp_path / "r"), "--set", override)  # fmt: skip
-    assert code == 2
-    assert message in capsys.readouterr().err
