@@ -17,6 +17,17 @@ from secateurs.compress.formats import (
     to_relative_csr,
 )
 from secateurs.compress.huffman import HuffmanCode, build_code, decode, encode
+from secateurs.compress.inference import (
+    BlockSparseLinear,
+    LayerChoice,
+    SemiStructuredLinear,
+    SparseConv2d,
+    SparseLinear,
+    SparsifyReport,
+    densify_,
+    sparsify_,
+    to_sparse_module,
+)
 from secateurs.compress.lowrank import (
     FactorizedLayer,
     LowRankReport,
@@ -31,19 +42,26 @@ from secateurs.compress.sharing import Shared, SharedWeights, share_weights, sha
 
 __all__ = [
     "BlockCSR",
+    "BlockSparseLinear",
     "CompressConfig",
     "CompressedInfo",
     "FactorizedLayer",
     "HuffmanCode",
+    "LayerChoice",
     "LinearQuantized",
     "LowRankReport",
     "PackedNM",
     "RelativeCSR",
+    "SemiStructuredLinear",
     "Shared",
     "SharedWeights",
     "SkippedLayer",
+    "SparseConv2d",
+    "SparseLinear",
+    "SparsifyReport",
     "build_code",
     "decode",
+    "densify_",
     "encode",
     "factorize_",
     "factorize_conv",
@@ -55,7 +73,9 @@ __all__ = [
     "save_compressed",
     "share_weights",
     "share_weights_",
+    "sparsify_",
     "to_block_csr",
     "to_packed_nm",
     "to_relative_csr",
+    "to_sparse_module",
 ]
