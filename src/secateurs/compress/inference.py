@@ -106,6 +106,19 @@ def _check_format(format: str, block: int | None) -> None:
 # --------------------------------------------------------------------------- CSR / BSR core
 
 
+def _dense_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """A plain ``nn.Linear`` holding ``weight`` ([out, in]) and ``bias``."""
+    out_features, in_features = weight.shape
+    out = nn.Linear(
+        in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None and out.bias is not None:
+            out.bias.copy_(bias)
+    return out
+
+
 class _SparseMatmul(nn.Module):
     """A ``[rows, cols]`` weight matrix in CSR or BSR, and an optional bias of ``rows``.
 
@@ -266,19 +279,7 @@ class SparseLinear(_SparseMatmul):
 
     def to_dense_module(self) -> nn.Linear:
         """A plain ``nn.Linear`` with this layer's weight (zeros stored) and bias."""
-        w = self.dense_matrix()
-        out = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        with torch.no_grad():
-            out.weight.copy_(w)
-            if self.bias is not None and out.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
+        return _dense_linear(self.dense_matrix(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._extra()}"
@@ -514,19 +515,7 @@ class SemiStructuredLinear(nn.Module):
 
     def to_dense_module(self) -> nn.Linear:
         """A plain ``nn.Linear`` with this layer's weight (zeros stored) and bias."""
-        w = self.weight.to_dense()
-        out = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        with torch.no_grad():
-            out.weight.copy_(w)
-            if self.bias is not None and out.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
+        return _dense_linear(self.weight.to_dense(), self.bias)
 
     def extra_repr(self) -> str:
         return (
