@@ -362,3 +362,27 @@ def test_safetensors_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="JSON"):
         export_safetensors(build_model("lenet-5"), tmp_path / "m.st", metadata={"x": object()})
     assert not (tmp_path / "m.st").exists()
+
+
+def test_pipeline_checkpoints_of_tied_weights_save_and_load(tmp_path: Path) -> None:
+    from secateurs.pipeline import load_checkpoint, save_checkpoint
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.emb(x))
+
+    torch.manual_seed(0)
+    model = Tied()
+    path = tmp_path / "tied.safetensors"
+    save_checkpoint(model, path, {"model": "tied"})
+    fresh = Tied()
+    load_checkpoint(path, fresh)
+    x = torch.arange(10)
+    assert torch.equal(fresh(x), model(x))
+    assert fresh.head.weight is fresh.emb.weight

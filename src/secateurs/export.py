@@ -616,6 +616,20 @@ def _metadata_strings(metadata: Mapping[str, Any] | None) -> dict[str, str]:
     return out
 
 
+def untied_state(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous CPU copies safetensors accepts: tensors sharing memory (tied weights) are
+    cloned, since safetensors refuses to write two names over one storage."""
+    state: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state_dict.items():
+        tensor = value.detach().contiguous().cpu()
+        if tensor.untyped_storage().data_ptr() in seen and tensor.numel():
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        state[key] = tensor
+    return state
+
+
 def export_safetensors(
     model: nn.Module, path: str | Path, *, metadata: Mapping[str, Any] | None = None
 ) -> Path:
@@ -633,15 +647,7 @@ def export_safetensors(
 
     header = _metadata_strings(metadata)
     baked = _baked_copy(model)
-    state: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for key, value in baked.state_dict().items():
-        tensor = value.detach().contiguous()
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr in seen and tensor.numel():  # safetensors refuses tensors sharing memory
-            tensor = tensor.clone()
-        seen.add(tensor.untyped_storage().data_ptr())
-        state[key] = tensor
+    state = untied_state(baked.state_dict())
     nonzero, total = _count_state(state)
     kind = type(model)
     header |= {

@@ -27,7 +27,7 @@ from secateurs import __version__
 from secateurs.compress import load_compressed, save_compressed, share_weights_
 from secateurs.data import DataBundle, load_dataset
 from secateurs.errors import ConfigError, ModelError
-from secateurs.export import export_onnx
+from secateurs.export import export_onnx, untied_state
 from secateurs.masks import collect_masks, make_permanent_
 from secateurs.metrics import evaluate, measure_latency, profile
 from secateurs.pruner import Pruner
@@ -73,8 +73,7 @@ def versions() -> dict[str, str]:
 
 def save_checkpoint(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
     """Save a plain (mask-free) state dict as safetensors, with metadata beside it."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
+    save_file(untied_state(model.state_dict()), str(path))
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str))
 
 
