@@ -12,10 +12,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.helpers import assert_untouched, snapshot
 from torch import nn
 
 import secateurs as sc
+from helpers import assert_untouched, snapshot
 from secateurs.compress import (
     CompressConfig,
     inspect_compressed,

@@ -9,11 +9,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.conftest import make_cnn, make_mlp
 from torch import nn
 from torch.nn.utils import parametrize
 
 import secateurs as sc
+from conftest import make_cnn, make_mlp
 from secateurs.allocation import erk_densities
 from secateurs.schedules import IHT, SET, Lottery, RigL
 from secateurs.sparse_training import drop_and_grow
