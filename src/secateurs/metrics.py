@@ -256,7 +256,12 @@ def _call(model: nn.Module, example_inputs: Inputs) -> Any:
     )
 
 
-def _forward_error(model: nn.Module, example_inputs: Inputs, exc: Exception) -> ModelError:
+def _forward_error(
+    model: nn.Module,
+    example_inputs: Inputs,
+    exc: Exception,
+    hint: str = "a batch of one real example is enough",
+) -> ModelError:
     shapes = (
         tuple(example_inputs.shape)
         if isinstance(example_inputs, Tensor)
@@ -264,8 +269,22 @@ def _forward_error(model: nn.Module, example_inputs: Inputs, exc: Exception) -> 
     )
     return ModelError(
         f"{type(model).__name__} failed on the example inputs ({shapes}): {exc}. Pass inputs "
-        "the model accepts, on the model's device (a batch of one real example is enough)."
+        f"the model accepts, on the model's device ({hint})."
     )
+
+
+def run_example(
+    model: nn.Module, example_inputs: Inputs, hint: str = "a batch of one real example is enough"
+) -> Any:
+    """Run ``model`` once on ``example_inputs`` in eval mode without gradients (each module's
+    mode restored after); a failure is a :class:`ModelError` naming the inputs and ``hint``."""
+    with EvalMode(model), torch.no_grad():
+        try:
+            return _call(model, example_inputs)
+        except SecateursError:
+            raise
+        except Exception as exc:
+            raise _forward_error(model, example_inputs, exc, hint) from exc
 
 
 class EvalMode:
@@ -314,13 +333,7 @@ def _measure_macs(model: nn.Module, example_inputs: Inputs) -> dict[str, _Macs]:
         if isinstance(m, hooked)
     ]
     try:
-        with EvalMode(model), torch.no_grad():
-            try:
-                _call(model, example_inputs)
-            except SecateursError:
-                raise
-            except Exception as exc:
-                raise _forward_error(model, example_inputs, exc) from exc
+        run_example(model, example_inputs)
     finally:
         for h in handles:
             h.remove()

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from secateurs.errors import ConfigError, ModelError, SecateursError
-from secateurs.metrics import EvalMode, Inputs
+from secateurs.metrics import EvalMode, Inputs, run_example
 
 #: Sparse formats :func:`sparsify_` can choose: CSR, BSR (CPU and CUDA) and 2:4 (CUDA, sm80+).
 FORMATS: tuple[str, ...] = ("csr", "bsr", "2:4")
@@ -659,14 +659,6 @@ class _Recorded:
     calls: int = 1
 
 
-def _call(model: nn.Module, example_inputs: Inputs) -> Any:
-    if isinstance(example_inputs, Tensor):
-        return model(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(**example_inputs)
-
-
 def _clone(x: Any) -> Any:
     if isinstance(x, Tensor):
         return x.detach().clone()
@@ -693,16 +685,7 @@ def _record_inputs(
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers.values()]
     try:
-        with EvalMode(model), torch.no_grad():
-            try:
-                _call(model, example_inputs)
-            except SecateursError:
-                raise
-            except Exception as exc:
-                raise ModelError(
-                    f"{type(model).__name__} failed on the example inputs: {exc}. Pass inputs "
-                    "the model accepts, on its device, at the batch size you will deploy with"
-                ) from exc
+        run_example(model, example_inputs, "at the batch size you will deploy with")
     finally:
         for h in handles:
             h.remove()
