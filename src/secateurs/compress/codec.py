@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import struct
 import zlib
 from collections.abc import Callable, Mapping
@@ -54,16 +53,18 @@ from torch.nn.utils import parametrize
 
 from secateurs.compress.formats import check_bits, gaps_with_fillers
 from secateurs.compress.huffman import HuffmanCode, build_code, code_from_counts, decode, encode
-from secateurs.compress.quantize import quantize_linear
+from secateurs.compress.quantize import LinearQuantized, quantize_linear
 from secateurs.compress.sharing import (
     DEFAULT_BITS,
     SharedWeights,
     bits_for,
     get_shared,
+    matches,
     sharable,
     share_weights,
 )
 from secateurs.errors import ConfigError, DataError, ModelError
+from secateurs.registry import build_dataclass
 
 MAGIC = b"SECATEUR"
 VERSION = 1
@@ -542,17 +543,12 @@ def save_compressed(
     if config is None:
         config = CompressConfig()
     elif isinstance(config, Mapping):
-        from secateurs.registry import build_dataclass
-
         config = build_dataclass(CompressConfig, config, "compression config")
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     state = _plain_state(model)
     quantizable = {name: module for name, module, _ in sharable(model)}
     for pattern in config.layer_bits:
-        if not any(
-            re.fullmatch(pattern, n) or re.fullmatch(pattern, n.rpartition(".")[0])
-            for n in quantizable
-        ):
+        if not any(matches(pattern, n) for n in quantizable):
             raise ConfigError(f"layer_bits pattern {pattern!r} matches no quantizable weight")
     encoded: list[_Encoded] = []
     max_error = 0.0
@@ -665,6 +661,15 @@ def _section(payload: memoryview, entry: Mapping[str, Any], key: str) -> bytes:
     return bytes(payload[offset : offset + length])
 
 
+def _decode_positions(
+    payload: memoryview, entry: Mapping[str, Any], numel: int, where: str
+) -> Tensor:
+    """Flat positions of a sparse layout's entries, from its ``gaps`` stream."""
+    alphabet = 1 << int(entry["index_bits"])
+    gaps = _decode_stream(_section(payload, entry, "gaps"), entry["gaps"], alphabet, where)
+    return _positions(gaps, numel, where)
+
+
 def _decode_tensor(payload: memoryview, entry: Mapping[str, Any]) -> Tensor:
     name = entry["name"]
     where = f"tensor {name!r}"
@@ -677,12 +682,12 @@ def _decode_tensor(payload: memoryview, entry: Mapping[str, Any]) -> Tensor:
     if encoding == "raw":
         return _from_bytes(_section(payload, entry, "data"), dtype, numel, where).reshape(shape)
     if encoding == "float":
-        gaps = _decode_stream(
-            _section(payload, entry, "gaps"), entry["gaps"], 1 << entry["index_bits"], where
+        positions = _decode_positions(payload, entry, numel, where)
+        values = _from_bytes(
+            _section(payload, entry, "values"), torch.float32, positions.numel(), where
         )
-        values = _from_bytes(_section(payload, entry, "values"), torch.float32, gaps.numel(), where)
         out = torch.zeros(numel, dtype=dtype)
-        out[_positions(gaps, numel, where)] = values.to(dtype)
+        out[positions] = values.to(dtype)
         return out.reshape(shape)
     alphabet = int(entry["alphabet"])
     if encoding == "kmeans":
@@ -691,7 +696,6 @@ def _decode_tensor(payload: memoryview, entry: Mapping[str, Any]) -> Tensor:
     elif encoding == "linear":
         rows = shape[0]
         scales = _from_bytes(_section(payload, entry, "scales"), torch.float32, rows, where)
-        top = (alphabet - 1) // 2
     else:
         raise DataError(f"{where}: unknown encoding {encoding!r}")
     codes = _decode_stream(_section(payload, entry, "codes"), entry["codes"], alphabet, where)
@@ -700,20 +704,19 @@ def _decode_tensor(payload: memoryview, entry: Mapping[str, Any]) -> Tensor:
             raise DataError(f"{where}: {codes.numel()} codes for {numel} weights")
         symbols = codes
     elif entry["layout"] == "sparse":
-        gaps = _decode_stream(
-            _section(payload, entry, "gaps"), entry["gaps"], 1 << entry["index_bits"], where
-        )
-        if gaps.numel() != codes.numel():
-            raise DataError(f"{where}: {gaps.numel()} positions for {codes.numel()} codes")
+        positions = _decode_positions(payload, entry, numel, where)
+        if positions.numel() != codes.numel():
+            raise DataError(f"{where}: {positions.numel()} positions for {codes.numel()} codes")
         symbols = torch.full((numel,), int(entry["zero_symbol"]), dtype=torch.int64)
-        symbols[_positions(gaps, numel, where)] = codes
+        symbols[positions] = codes
     else:
         raise DataError(f"{where}: unknown layout {entry['layout']!r}")
     if encoding == "kmeans":
         return table[symbols].reshape(shape)
-    levels = (symbols - top).to(torch.int32).reshape(shape)
-    view = (-1,) + (1,) * (len(shape) - 1)
-    return (levels.to(torch.float32) * scales.view(view)).to(dtype)
+    # the same dequantization as at save time, so loaded weights are bit-exact
+    bits = int(entry["bits"])
+    levels = (symbols - ((1 << (bits - 1)) - 1)).to(torch.int32).reshape(shape)
+    return LinearQuantized(tuple(shape), scales, levels, bits).to_dense().to(dtype)
 
 
 def _decode_all(header: Mapping[str, Any], payload: memoryview) -> dict[str, Tensor]:

@@ -162,12 +162,17 @@ def layer_kind(module: nn.Module) -> str:
     return "conv" if issubclass(base, nn.modules.conv._ConvNd) else "fc"
 
 
+def matches(pattern: str, name: str) -> bool:
+    """True when regex ``pattern`` fully matches tensor ``name`` or its module's name."""
+    return bool(re.fullmatch(pattern, name) or re.fullmatch(pattern, name.rpartition(".")[0]))
+
+
 def bits_for(
     name: str, module: nn.Module, bits: Mapping[str, int], layer_bits: Mapping[str, int]
 ) -> int:
     """Bits for tensor ``name``: the first matching ``layer_bits`` regex, else by layer kind."""
     for pattern, value in layer_bits.items():
-        if re.fullmatch(pattern, name) or re.fullmatch(pattern, name.rpartition(".")[0]):
+        if matches(pattern, name):
             return check_bits(value, f"weight-sharing bits for {pattern!r}")
     return check_bits(bits[layer_kind(module)], f"weight-sharing bits for {layer_kind(module)}")
 
@@ -206,10 +211,7 @@ def share_weights_(
     layer_bits = dict(layer_bits or {})
     candidates = sharable(model)
     for pattern in [*layer_bits, *exclude]:
-        if not any(
-            re.fullmatch(pattern, n) or re.fullmatch(pattern, n.rpartition(".")[0])
-            for n, _, _ in candidates
-        ):
+        if not any(matches(pattern, n) for n, _, _ in candidates):
             raise ConfigError(
                 f"pattern {pattern!r} matches no shareable weight; "
                 f"weights are: {', '.join(n for n, _, _ in candidates[:8])}"
@@ -217,7 +219,7 @@ def share_weights_(
             )
     planned: list[tuple[str, nn.Module, str, SharedWeights]] = []
     for name, module, attr in candidates:
-        if any(re.fullmatch(p, name) or re.fullmatch(p, name.rpartition(".")[0]) for p in exclude):
+        if any(matches(p, name) for p in exclude):
             continue
         if parametrize.is_parametrized(module, attr) and get_mask(module, attr) is None:
             raise ModelError(
