@@ -328,7 +328,12 @@ class Pruner:
             stats=stats,
             seed=self.seed + len(self.history),
         )
-        before = {t.name: t.mask.clone() if t.mask is not None else None for t in self.targets}
+        # the masks before, only when there is optimizer state to reset (cloning is not free)
+        before = (
+            {t.name: t.mask.clone() if t.mask is not None else None for t in self.targets}
+            if self.optimizer is not None
+            else {}
+        )
         for t in self.targets:
             set_mask(t.module, t.attr, new_masks[t.name])
         self._reset_pruned_state(before)
