@@ -429,10 +429,11 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "iht": {"sparse": 4, "dense": 6, "cycles": 3, "start": 1},
     "sparsity": {"value": 0.5},
     "params": {"keep": 10},
+    "macs": {"keep": 0.5},
 }
 
 #: Names whose class has required options (no sensible default).
-REQUIRED = {"sparsity": "value", "params": "keep"}
+REQUIRED = {"sparsity": "value", "params": "keep", "macs": "keep"}
 
 ALL_NAMES = [(axis, name) for axis, reg in REGISTRIES.items() for name in reg.names()]
 
@@ -454,7 +455,7 @@ def test_every_registered_name_has_test_options() -> None:
             "dsd",
             "iht",
         },
-        "budget": {"sparsity", "params"},
+        "budget": {"sparsity", "params", "macs"},
     }
     for axis, names in expected_axes.items():
         assert names <= set(REGISTRIES[axis].names()), axis

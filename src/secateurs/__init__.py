@@ -9,7 +9,7 @@ The public surface, re-exported here; everything else is internal::
 """
 
 from secateurs.allocation import ALLOCATIONS, ERK, LAMP, Allocation, Global, LayerMap, Uniform
-from secateurs.budgets import BUDGETS, Budget, Params, Sparsity
+from secateurs.budgets import BUDGETS, Budget, MACs, Params, Sparsity
 from secateurs.compress import (
     CompressConfig,
     inspect_compressed,
@@ -20,6 +20,7 @@ from secateurs.compress import (
 from secateurs.criteria import CRITERIA, OBD, Criterion, Magnitude, Random, Taylor
 from secateurs.errors import BudgetError, ConfigError, DataError, ModelError, SecateursError
 from secateurs.export import ExportReport, export_onnx, export_safetensors, load_safetensors
+from secateurs.graph import ChannelGraph, ChannelPlan, apply_plan_, build_graph
 from secateurs.masks import (
     apply_masks_,
     collect_masks,
@@ -41,6 +42,7 @@ from secateurs.schedules import (
     Schedule,
     Static,
 )
+from secateurs.shrink import ShrinkReport, shrink
 from secateurs.structures import NM, STRUCTURES, Blocks, Channels, Elements, Structure
 from secateurs.targets import Target, find_targets
 
@@ -63,6 +65,8 @@ __all__ = [
     "Blocks",
     "Budget",
     "BudgetError",
+    "ChannelGraph",
+    "ChannelPlan",
     "Channels",
     "CompressConfig",
     "ConfigError",
@@ -75,6 +79,7 @@ __all__ = [
     "Iterative",
     "LayerMap",
     "Lottery",
+    "MACs",
     "Magnitude",
     "ModelError",
     "OneShot",
@@ -84,6 +89,7 @@ __all__ = [
     "RigL",
     "Schedule",
     "SecateursError",
+    "ShrinkReport",
     "Sparsity",
     "Static",
     "Structure",
@@ -92,6 +98,8 @@ __all__ = [
     "Uniform",
     "__version__",
     "apply_masks_",
+    "apply_plan_",
+    "build_graph",
     "collect_masks",
     "compute_masks",
     "export_onnx",
@@ -105,5 +113,6 @@ __all__ = [
     "prune_",
     "save_compressed",
     "share_weights_",
+    "shrink",
     "summary",
 ]

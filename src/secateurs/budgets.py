@@ -62,13 +62,11 @@ class Params(Budget):
     keep: int | float
 
     def __post_init__(self) -> None:
-        k = self.keep
-        if isinstance(k, bool) or not isinstance(k, (int, float)):
-            raise ConfigError(f"Params keep must be an int count or a float fraction; got {k!r}")
-        if isinstance(k, float) and not 0 < k <= 1:
-            raise ConfigError(f"Params keep as a fraction must be in (0, 1]; got {k!r}")
-        if isinstance(k, int) and k < 1:
-            raise ConfigError(f"Params keep as a count must be >= 1; got {k!r}")
+        _check_keep("Params", self.keep)
+
+    def limit(self, dense: int) -> int:
+        """The largest parameter count that meets the budget, for a model of ``dense``."""
+        return round(self.keep * dense) if isinstance(self.keep, float) else self.keep
 
     def target_sparsity(self, model: nn.Module, targets: Sequence[Target]) -> float:
         total = count_parameters(model)
@@ -83,3 +81,40 @@ class Params(Budget):
                 "Prune more tensors (params=/include=) or raise the budget."
             )
         return max(0.0, 1.0 - keep_in_targets / in_targets)
+
+
+def _check_keep(name: str, k: object) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
+        raise ConfigError(f"{name} keep must be an int count or a float fraction; got {k!r}")
+    if isinstance(k, float) and not 0 < k <= 1:
+        raise ConfigError(f"{name} keep as a fraction must be in (0, 1]; got {k!r}")
+    if isinstance(k, int) and k < 1:
+        raise ConfigError(f"{name} keep as a count must be >= 1; got {k!r}")
+
+
+@BUDGETS.register("macs")
+@dataclass
+class MACs(Budget):
+    """Keep at most this many multiply-accumulates per forward pass.
+
+    ``MACs(0.5)`` keeps half the MACs of the convolutions and linear layers (a ``float`` in
+    (0, 1] is a fraction, an ``int`` a count). MACs only fall when channels are physically
+    removed, so this budget is for structural pruning (:func:`secateurs.shrink`), which meets
+    it by search.
+    """
+
+    keep: int | float
+
+    def __post_init__(self) -> None:
+        _check_keep("MACs", self.keep)
+
+    def limit(self, dense: int) -> int:
+        """The largest MAC count that meets the budget, for a model of ``dense`` MACs."""
+        return round(self.keep * dense) if isinstance(self.keep, float) else self.keep
+
+    def target_sparsity(self, model: nn.Module, targets: Sequence[Target]) -> float:
+        raise ConfigError(
+            "a MACs budget needs channels removed for real: use sc.shrink(model, "
+            "example_inputs, budget=sc.MACs(...)) (or a recipe's structural section); element "
+            "masks keep every MAC of a dense kernel"
+        )

@@ -38,6 +38,8 @@ from secateurs.masks import make_permanent_
 if TYPE_CHECKING:
     import onnx
 
+    from secateurs.graph.surgery import ChannelPlan
+
 Exporter = Literal["auto", "dynamo", "torchscript"]
 EXPORTERS: tuple[str, ...] = ("auto", "dynamo", "torchscript")
 
@@ -630,8 +632,15 @@ def untied_state(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
+CHANNEL_PLAN_KEY = "secateurs_channel_plan"
+
+
 def export_safetensors(
-    model: nn.Module, path: str | Path, *, metadata: Mapping[str, Any] | None = None
+    model: nn.Module,
+    path: str | Path,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    channel_plan: ChannelPlan | None = None,
 ) -> Path:
     """Write the model's plain ``state_dict`` (masks baked in) as safetensors; returns the path.
 
@@ -640,12 +649,18 @@ def export_safetensors(
     ``secateurs_version``, ``model_class``, ``nonzero_weights`` and ``total_weights`` (over
     floating tensors of rank >= 2) beside ``metadata`` (values that are not strings are stored
     as JSON). Tied tensors are written once per name, as ``state_dict`` lists them.
+
+    ``channel_plan`` (from :func:`secateurs.shrink` with ``report=True``) is stored in the
+    header, so :func:`load_safetensors` can load the smaller model into a fresh instance of
+    the *original* class by replaying the channel removal first.
     """
     from safetensors.torch import save_file
 
     import secateurs
 
     header = _metadata_strings(metadata)
+    if channel_plan is not None:
+        header[CHANNEL_PLAN_KEY] = channel_plan.to_json()
     baked = _baked_copy(model)
     state = untied_state(baked.state_dict())
     nonzero, total = _count_state(state)
@@ -687,7 +702,9 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
 def load_safetensors(path: str | Path, model: nn.Module) -> nn.Module:
     """Load a file written by :func:`export_safetensors` strictly into ``model``; returns it.
 
-    Every key must match and every shape must fit, else :class:`ModelError` says what does not
+    A file that carries a channel plan loads into a fresh instance of the original (unpruned)
+    class: the plan's channels are removed from ``model`` first. Every key must match and every
+    shape must fit, else :class:`ModelError` says what does not
     and nothing is loaded. The file is parsed by safetensors, so no code in it is executed.
     """
     from safetensors.torch import load_file
@@ -701,6 +718,13 @@ def load_safetensors(path: str | Path, model: nn.Module) -> nn.Module:
             "truncated, corrupt or in another format"
         ) from None
     own = model.state_dict()
+    plan_text = read_safetensors_metadata(p).get(CHANNEL_PLAN_KEY)
+    if plan_text is not None and any(k in state and own[k].shape != state[k].shape for k in own):
+        # a shrunk model: replay the surgery on this fresh instance of the original class
+        from secateurs.graph.surgery import ChannelPlan, apply_plan_
+
+        apply_plan_(model, ChannelPlan.from_json(plan_text))
+        own = model.state_dict()
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())
     wrong = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)

@@ -1,0 +1,146 @@
+"""Scoring channel groups: how important each channel of each group is.
+
+Two kinds of criteria score channels:
+
+* every element-wise criterion (magnitude, random, Taylor, OBD, ...) scores a channel as the
+  sum of its elements' scores over *all* tensors of the group (the producing filters, their
+  biases and norm entries, the consuming layers' input slices): group magnitude, group
+  Taylor, group Fisher;
+* a :class:`ChannelCriterion` scores channels directly from what only whole channels have:
+  BatchNorm scaling factors, activation statistics, filter geometry, reconstruction error.
+
+Scores are float32, one per channel, higher = more important.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from secateurs.calibration import LossFn, calibrate
+from secateurs.criteria.base import Criterion, Stats
+from secateurs.errors import ConfigError
+from secateurs.graph.groups import ChannelGraph, Member
+from secateurs.graph.trace import TensorRef
+from secateurs.metrics import Inputs
+from secateurs.targets import Target
+
+
+@dataclass
+class ChannelContext:
+    """What a channel criterion may look at."""
+
+    model: nn.Module
+    graph: ChannelGraph
+    example_inputs: Inputs
+    data: Iterable[Any] | None = None  #: calibration batches of ``(inputs, labels)``
+    loss_fn: LossFn | None = None
+    max_batches: int = 8
+    seed: int = 0
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def tensor(self, ref: TensorRef) -> Tensor:
+        """The parameter or buffer ``ref`` names."""
+        module = self.model.get_submodule(ref.module)
+        t = getattr(module, ref.name)
+        assert isinstance(t, Tensor)
+        return t
+
+    def target(self, ref: TensorRef) -> Target:
+        return Target(ref.qualname, ref.module, self.model.get_submodule(ref.module), ref.name)
+
+    def batches(self, who: str) -> Iterable[Any]:
+        if self.data is None:
+            raise ConfigError(
+                f"criterion {who!r} needs calibration data: pass data=<a DataLoader of "
+                "(inputs, labels)> to shrink"
+            )
+        return self.data
+
+
+def per_channel(member: Member, values: Tensor, size: int) -> Tensor:
+    """Sum a per-position vector along ``member.dim`` into the group's ``size`` channels."""
+    inside = member.channel >= 0
+    out = torch.zeros(size, dtype=torch.float32)
+    out.index_add_(0, member.channel[inside], values[inside].to(torch.float32))
+    return out
+
+
+def reduce_to_dim(t: Tensor, dim: int) -> Tensor:
+    """Sum ``t`` over every dimension except ``dim``: one value per position of ``dim``."""
+    return t.movedim(dim, 0).reshape(t.shape[dim], -1).sum(dim=1)
+
+
+class ChannelCriterion(Criterion):
+    """A criterion defined on whole channels; it scores groups, not elements."""
+
+    def scores(self, target: Target, stats: Stats | None, seed: int) -> Tensor:
+        raise ConfigError(
+            f"criterion {self.registry_name!r} scores whole channels; use it with sc.shrink "
+            "(structural pruning), not for element masks"
+        )
+
+    @abstractmethod
+    def channel_scores(self, ctx: ChannelContext) -> dict[int, Tensor]:
+        """``{group index: float32 [group size]}`` for every prunable group of ``ctx.graph``."""
+
+    def refit(self, ctx: ChannelContext, removed: dict[int, Tensor]) -> None:  # noqa: B027
+        """Adjust kept weights to compensate for ``removed`` before surgery (default: none)."""
+
+
+def _element_scores(criterion: Criterion, ctx: ChannelContext) -> dict[int, Tensor]:
+    groups = ctx.graph.prunable_groups
+    refs = {m.ref for g in groups for m in g.members if m.ref.is_parameter}
+    targets = {ref: ctx.target(ref) for ref in sorted(refs, key=lambda r: r.qualname)}
+    stats: dict[str, dict[str, Tensor]] = {}
+    if criterion.needs_data:
+        stats = calibrate(
+            ctx.model,
+            list(targets.values()),
+            criterion,
+            ctx.batches(type(criterion).__name__),
+            ctx.loss_fn,
+            ctx.max_batches,
+        )
+    cache: dict[TensorRef, Tensor] = {}
+
+    def scores_of(ref: TensorRef) -> Tensor:
+        if ref not in cache:
+            t = targets[ref]
+            cache[ref] = criterion.scores(t, stats.get(t.name), ctx.seed).detach()
+        return cache[ref]
+
+    out: dict[int, Tensor] = {}
+    for g in groups:
+        total = torch.zeros(g.size, dtype=torch.float32)
+        for m in g.members:
+            if m.ref in targets:
+                total += per_channel(m, reduce_to_dim(scores_of(m.ref), m.dim), g.size)
+        out[g.index] = total
+    return out
+
+
+def channel_scores(criterion: Criterion, ctx: ChannelContext) -> dict[int, Tensor]:
+    """One importance score per channel of every prunable group."""
+    if isinstance(criterion, ChannelCriterion):
+        scores = criterion.channel_scores(ctx)
+    else:
+        scores = _element_scores(criterion, ctx)
+    for g in ctx.graph.prunable_groups:
+        s = scores.get(g.index)
+        if s is None or s.shape != (g.size,):
+            raise ConfigError(
+                f"criterion {type(criterion).__name__} gave no score for group {g.index} "
+                f"({g.name}, {g.size} channels)"
+            )
+        if not bool(torch.isfinite(s).all()):
+            raise ConfigError(
+                f"criterion {type(criterion).__name__} gave non-finite scores for {g.name}; "
+                "check the calibration data and loss"
+            )
+    return scores

@@ -1,0 +1,416 @@
+"""``shrink``: structural pruning end to end, a smaller dense model out.
+
+The steps are the axes of the design, each a separate piece:
+
+1. trace the model into coupled channel groups (:func:`secateurs.graph.build_graph`);
+2. score every channel with a criterion (:func:`secateurs.graph.importance.channel_scores`);
+3. decide how many channels each group loses: ``uniform`` (the same fraction everywhere) or
+   ``global`` (one ranking of scores normalised per group), capped per group by
+   ``max_ratio``, with kept widths rounded up to multiples of ``round_to``;
+4. search the amount so the budget is met: a channel fraction (:class:`~secateurs.Sparsity`),
+   a parameter count (:class:`~secateurs.Params`) or MACs (:class:`~secateurs.MACs`), counted
+   from the graph without running the model, by bisection;
+5. surgery on a copy: the caller's model is never changed.
+
+``steps > 1`` prunes iteratively, calling ``finetune(model, step)`` between steps so accuracy
+can recover before the next cut.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from secateurs.budgets import MACs, Params, Sparsity
+from secateurs.calibration import LossFn
+from secateurs.criteria import CRITERIA, Criterion, Magnitude
+from secateurs.errors import BudgetError, ConfigError, SecateursError
+from secateurs.graph.groups import ChannelGraph, ChannelGroup, build_graph
+from secateurs.graph.importance import ChannelContext, ChannelCriterion, channel_scores
+from secateurs.graph.surgery import ChannelPlan, apply_plan_, check_forward, plan_from_removed
+from secateurs.metrics import Inputs, run_example
+
+StructuralBudget = Sparsity | Params | MACs
+ALLOCATIONS = ("uniform", "global")
+SEARCH_STEPS = 40
+
+
+@dataclass
+class ShrinkReport:
+    """What :func:`shrink` did: the replayable plan and the sizes before and after."""
+
+    plan: ChannelPlan
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    channels_removed: int
+    channels_prunable: int
+    groups: int
+    seconds: float
+    removed_per_group: dict[str, int] = field(default_factory=dict)
+    unhandled: list[str] = field(default_factory=list)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / max(self.macs_before, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "channels_removed": self.channels_removed,
+            "channels_prunable": self.channels_prunable,
+            "groups": self.groups,
+            "seconds": self.seconds,
+            "removed_per_group": self.removed_per_group,
+            "unhandled": self.unhandled,
+        }
+
+
+def _criterion(criterion: Criterion | str | dict[str, Any] | None) -> Criterion:
+    if criterion is None:
+        return Magnitude(p=2)
+    if isinstance(criterion, Criterion):
+        return criterion
+    return CRITERIA.build(criterion)
+
+
+def _budget(budget: Any) -> StructuralBudget:
+    if isinstance(budget, (Sparsity, Params, MACs)):
+        return budget
+    raise ConfigError(
+        f"budget must be sc.Sparsity(fraction of channels to remove), sc.Params(keep) or "
+        f"sc.MACs(keep); got {budget!r}"
+    )
+
+
+def _ignored(model: nn.Module, ignored_layers: Sequence[str | nn.Module]) -> set[str]:
+    """Module names matching ``ignored_layers`` (names, regexes or module objects)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out: set[str] = set()
+    for item in ignored_layers:
+        if isinstance(item, nn.Module):
+            if id(item) not in names:
+                raise ConfigError(
+                    f"ignored layer {type(item).__name__} is not a module of this model"
+                )
+            out.add(names[id(item)])
+            continue
+        pattern = re.compile(item)
+        hits = [n for n in names.values() if n == item or pattern.fullmatch(n)]
+        if not hits:
+            sample = ", ".join(n for n in list(names.values())[1:8])
+            raise ConfigError(
+                f"ignored layer {item!r} matches no module; module names look like: {sample}"
+            )
+        out.update(hits)
+    return out
+
+
+def _frozen(group: ChannelGroup, ignored: set[str]) -> bool:
+    """A group whose channels an ignored layer produces (its rows, its norm entries)."""
+    return any(m.dim == 0 and m.ref.module in ignored for m in group.members)
+
+
+@dataclass
+class _Candidates:
+    """Per group: channels in removal order and how many may go at most."""
+
+    group: ChannelGroup
+    order: Tensor  #: prunable channels, least important first
+    normalised: Tensor  #: their scores divided by the group's mean score
+    cap: int
+
+    def kept_after(self, n: int, round_to: int | None) -> int:
+        """How many to remove so that ``n`` are asked for and the kept width is rounded."""
+        n = min(n, self.cap)
+        if round_to and n > 0:
+            kept = math.ceil((self.group.size - n) / round_to) * round_to
+            n = max(0, self.group.size - kept)
+        return n
+
+
+def _candidates(
+    graph: ChannelGraph, scores: dict[int, Tensor], ignored: set[str], max_ratio: float
+) -> list[_Candidates]:
+    out = []
+    for g in graph.prunable_groups:
+        if _frozen(g, ignored):
+            continue
+        s = scores[g.index].clone()
+        idx = g.prunable.nonzero().flatten()
+        order = idx[torch.argsort(s[idx], stable=True)]
+        cap = min(len(idx), g.size - 1, math.floor(max_ratio * g.size))
+        if cap < 1:
+            continue
+        mean = s[idx].abs().mean()
+        normalised = s[order] / (mean if float(mean) > 0 else 1.0)
+        out.append(_Candidates(g, order, normalised, cap))
+    return out
+
+
+def _removal(
+    cands: list[_Candidates], amount: float, allocation: str, round_to: int | None
+) -> dict[int, Tensor]:
+    """Channels to remove for ``amount`` in [0, 1] of the removable ones."""
+    counts: dict[int, int] = {}
+    if not cands:
+        return {}
+    if allocation == "uniform":
+        for c in cands:
+            counts[c.group.index] = math.floor(amount * c.group.size + 1e-9)
+    else:
+        pool = torch.cat([c.normalised for c in cands]) if cands else torch.zeros(0)
+        owner = torch.cat([torch.full((len(c.order),), i) for i, c in enumerate(cands)])
+        rank = torch.cat([torch.arange(len(c.order)) for c in cands])
+        capped = rank < torch.cat([torch.full((len(c.order),), c.cap) for c in cands])
+        pool, owner = pool[capped], owner[capped]
+        k = math.floor(amount * len(pool) + 1e-9)
+        chosen = owner[torch.argsort(pool, stable=True)[:k]]
+        per = torch.bincount(chosen, minlength=len(cands))
+        for i, c in enumerate(cands):
+            counts[c.group.index] = int(per[i])
+    removed = {}
+    for c in cands:
+        n = c.kept_after(counts[c.group.index], round_to)
+        if n > 0:
+            mask = torch.zeros(c.group.size, dtype=torch.bool)
+            mask[c.order[:n]] = True
+            removed[c.group.index] = mask
+    return removed
+
+
+def _measure(
+    budget: StructuralBudget, graph: ChannelGraph
+) -> tuple[Callable[[dict[int, Tensor]], float], float, str]:
+    """``(value of a removal, the largest allowed value, unit)`` for ``budget``."""
+    if isinstance(budget, MACs):
+        return (lambda r: float(graph.macs(r))), float(budget.limit(graph.macs())), "MACs"
+    if isinstance(budget, Params):
+        return (lambda r: float(graph.params(r))), float(budget.limit(graph.params())), "parameters"
+    total = sum(g.num_prunable for g in graph.prunable_groups)
+
+    def kept_channels(r: dict[int, Tensor]) -> float:
+        return float(total - sum(int(m.sum()) for m in r.values()))
+
+    return kept_channels, (1.0 - budget.value) * total, "prunable channels"
+
+
+def _search(
+    cands: list[_Candidates],
+    budget: StructuralBudget,
+    graph: ChannelGraph,
+    allocation: str,
+    round_to: int | None,
+) -> dict[int, Tensor]:
+    value, limit, unit = _measure(budget, graph)
+    full = _removal(cands, 1.0, allocation, round_to)
+    if value(full) > limit:
+        raise BudgetError(
+            f"cannot reach {limit:,.0f} {unit}: removing every removable channel (within "
+            f"max_ratio, ignored layers and pinned channels) leaves {value(full):,.0f}. Raise "
+            "the budget, max_ratio, or prune layers that are ignored"
+        )
+    if value({}) <= limit:
+        return {}
+    lo, hi = 0.0, 1.0
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) / 2
+        if value(_removal(cands, mid, allocation, round_to)) <= limit:
+            hi = mid
+        else:
+            lo = mid
+    return _removal(cands, hi, allocation, round_to)
+
+
+def _validate(allocation: str, max_ratio: float, round_to: int | None, steps: int) -> None:
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"allocation {allocation!r} is not allowed; use one of {ALLOCATIONS}")
+    if not 0 < max_ratio <= 1:
+        raise ConfigError(f"max_ratio must be in (0, 1]; got {max_ratio!r}")
+    if round_to is not None and (
+        isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1
+    ):
+        raise ConfigError(f"round_to must be a positive int (e.g. 8) or None; got {round_to!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be an int >= 1; got {steps!r}")
+
+
+def _step_budget(
+    budget: StructuralBudget, step: int, steps: int, graph0: ChannelGraph
+) -> StructuralBudget:
+    """The budget after ``step`` of ``steps`` equal cuts (counts taken on the original model)."""
+    frac = step / steps
+    if isinstance(budget, Sparsity):
+        # each step removes an equal share of the original channels from what is left
+        share = budget.value / steps
+        return Sparsity(min(share / (1.0 - share * (step - 1)), 0.999))
+    total = graph0.macs() if isinstance(budget, MACs) else graph0.params()
+    limit = budget.limit(total)
+    keep = max(1, round(total - (total - limit) * frac))
+    return MACs(keep) if isinstance(budget, MACs) else Params(keep)
+
+
+def plan_shrink(
+    model: nn.Module,
+    example_inputs: Inputs,
+    budget: StructuralBudget,
+    criterion: Criterion | str | dict[str, Any] | None = None,
+    allocation: str = "uniform",
+    max_ratio: float = 0.9,
+    round_to: int | None = None,
+    ignored_layers: Sequence[str | nn.Module] = (),
+    data: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+    calibration_batches: int = 8,
+    seed: int = 0,
+) -> tuple[ChannelPlan, ChannelGraph, dict[int, Tensor]]:
+    """Decide which channels to remove (without removing them): plan, graph and masks.
+
+    Criteria with a :meth:`~ChannelCriterion.refit` step (regression) adjust the kept
+    weights of ``model`` in place, so call this on the copy you will prune.
+    """
+    _validate(allocation, max_ratio, round_to, 1)
+    crit = _criterion(criterion)
+    budget = _budget(budget)
+    ignored = _ignored(model, ignored_layers)
+    graph = build_graph(model, example_inputs)
+    if not graph.prunable_groups:
+        raise ConfigError(
+            f"{type(model).__name__} has no removable channels: every channel is pinned "
+            f"({_pinned_summary(graph)})"
+        )
+    ctx = ChannelContext(model, graph, example_inputs, data, loss_fn, calibration_batches, seed)
+    scores = channel_scores(crit, ctx)
+    cands = _candidates(graph, scores, ignored, max_ratio)
+    removed = _search(cands, budget, graph, allocation, round_to)
+    if isinstance(crit, ChannelCriterion) and removed:
+        crit.refit(ctx, removed)
+    return plan_from_removed(graph, removed), graph, removed
+
+
+def _pinned_summary(graph: ChannelGraph) -> str:
+    reasons = sorted({r for g in graph.groups for r in g.pinned_because})
+    return "; ".join(reasons[:5]) or "no groups found"
+
+
+def shrink(
+    model: nn.Module,
+    example_inputs: Inputs,
+    budget: StructuralBudget,
+    criterion: Criterion | str | dict[str, Any] | None = None,
+    allocation: str = "uniform",
+    max_ratio: float = 0.9,
+    round_to: int | None = None,
+    ignored_layers: Sequence[str | nn.Module] = (),
+    data: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+    calibration_batches: int = 8,
+    seed: int = 0,
+    steps: int = 1,
+    finetune: Callable[[nn.Module, int], None] | None = None,
+    report: bool = False,
+) -> Any:
+    """Remove channels from a copy of ``model`` until ``budget`` is met; return the copy.
+
+    ``budget``: ``sc.MACs(0.5)`` keeps half the MACs, ``sc.Params(0.6)`` 60% of the
+    parameters, ``sc.Sparsity(0.3)`` removes 30% of the removable channels. ``criterion``:
+    any registered criterion (default L2 group magnitude); data-driven ones need ``data``
+    (batches of ``(inputs, labels)``) and, for gradients, ``loss_fn``. ``ignored_layers``:
+    module names, regexes or modules whose output channels stay. With ``report=True`` the
+    result is ``(model, ShrinkReport)``; the report's plan replays the surgery on a fresh
+    instance of the original class (:func:`secateurs.graph.apply_plan_`).
+    """
+    _validate(allocation, max_ratio, round_to, steps)
+    budget = _budget(budget)
+    _criterion(criterion)
+    _ignored(model, ignored_layers)
+    start = time.perf_counter()
+    small = copy.deepcopy(model)
+    reference = run_example(model, example_inputs)
+    graph0 = build_graph(small, example_inputs)
+    shapes = {ref.qualname: s for ref, s in graph0.shapes.items()}
+    plan = ChannelPlan()
+    last_graph, removed = graph0, dict[int, Tensor]()
+    for step in range(1, steps + 1):
+        step_plan, last_graph, removed = plan_shrink(
+            small,
+            example_inputs,
+            _step_budget(budget, step, steps, graph0),
+            criterion,
+            allocation,
+            max_ratio,
+            round_to,
+            ignored_layers,
+            data,
+            loss_fn,
+            calibration_batches,
+            seed,
+        )
+        apply_plan_(small, step_plan)
+        plan = plan.merged(step_plan, shapes)
+        out = check_forward(small, lambda: run_example(small, example_inputs), f"step {step}")
+        _check_outputs(reference, out)
+        if finetune is not None and step < steps:
+            finetune(small, step)
+    final = build_graph(small, example_inputs)
+    result = ShrinkReport(
+        plan=plan,
+        macs_before=graph0.macs(),
+        macs_after=final.macs(),
+        params_before=graph0.params(),
+        params_after=final.params(),
+        channels_removed=plan_channel_count(graph0, plan),
+        channels_prunable=sum(g.num_prunable for g in graph0.prunable_groups),
+        groups=len(graph0.prunable_groups),
+        seconds=time.perf_counter() - start,
+        removed_per_group=_per_group(last_graph, removed) if steps == 1 else {},
+        unhandled=sorted({f"{u.op} in {u.module}" for u in graph0.unhandled}),
+    )
+    return (small, result) if report else small
+
+
+def plan_channel_count(graph: ChannelGraph, plan: ChannelPlan) -> int:
+    """How many channels of ``graph`` a plan removes (counted on each group's producer)."""
+    total = 0
+    for g in graph.prunable_groups:
+        m = g.members[0]
+        gone = set(plan.removed.get(m.ref.qualname, {}).get(m.dim, []))
+        total += len({int(m.channel[i]) for i in gone if int(m.channel[i]) >= 0})
+    return total
+
+
+def _per_group(graph: ChannelGraph, removed: dict[int, Tensor]) -> dict[str, int]:
+    return {graph.groups[i].name: int(mask.sum()) for i, mask in removed.items()}
+
+
+def _check_outputs(reference: Any, out: Any) -> None:
+    ref_t = [t for t in _flat(reference)]
+    out_t = [t for t in _flat(out)]
+    if [t.shape for t in ref_t] != [t.shape for t in out_t]:
+        raise SecateursError(
+            "removing channels changed the model's output shapes "
+            f"({[tuple(t.shape) for t in ref_t]} -> {[tuple(t.shape) for t in out_t]}); this "
+            "is a bug in secateurs' graph rules: please report the model"
+        )
+
+
+def _flat(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _flat(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _flat(v)]
+    return []
