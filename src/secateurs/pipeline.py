@@ -28,12 +28,14 @@ from secateurs.compress import load_compressed, save_compressed, share_weights_
 from secateurs.data import DataBundle, load_dataset
 from secateurs.errors import ConfigError, ModelError
 from secateurs.export import export_onnx, untied_state
+from secateurs.graph.surgery import ChannelPlan, apply_plan_
 from secateurs.masks import collect_masks, make_permanent_
 from secateurs.metrics import evaluate, measure_latency, profile
 from secateurs.pruner import Pruner
 from secateurs.recipe import Recipe, schedule_in_steps
 from secateurs.registry import build_dataclass
 from secateurs.report import RunReport, write_report
+from secateurs.shrink import shrink
 from secateurs.train import REGULARIZERS, Distillation, make_optimizer, train
 from secateurs.zoo import build_model
 
@@ -108,13 +110,21 @@ def load_model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, A
             "the checkpoint to know which architecture to rebuild"
         )
     meta = json.loads(meta_path.read_text())
+    return load_checkpoint(p, rebuild_model(meta)), meta
+
+
+def rebuild_model(meta: dict[str, Any]) -> nn.Module:
+    """A fresh model of the architecture ``meta`` describes, with its channels removed when
+    the run shrank it (the channel plan is replayed), ready to load the saved weights."""
     model = build_model(
         meta["model"],
         num_classes=meta["num_classes"],
         in_channels=meta["in_channels"],
         **meta.get("model_options", {}),
     )
-    return load_checkpoint(p, model), meta
+    if meta.get("channel_plan"):
+        apply_plan_(model, ChannelPlan.from_json(meta["channel_plan"]))
+    return model
 
 
 def _measure(
@@ -173,22 +183,29 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
 
     # Build the pruner first so a bad plan fails before any training.
     p = recipe.prune
-    pruner = Pruner(
-        model,
-        p.sparsity,
-        budget=p.budget,
-        structure=p.structure,
-        criterion=p.criterion,
-        allocation=p.allocation,
-        schedule=schedule_in_steps(p.schedule, steps_per_epoch),
-        include=p.include or None,
-        exclude=p.exclude or None,
-        params=p.params or None,
-        data=calib,
-        loss_fn=nn.functional.cross_entropy,
-        calibration_batches=p.calibration_batches,
-        seed=recipe.seed,
-    )
+    structural = recipe.shrink.budget is not None
+    masking = p.sparsity is not None or p.budget is not None or not structural
+
+    def make_pruner(model: nn.Module) -> Pruner:
+        return Pruner(
+            model,
+            p.sparsity if masking else 0.0,
+            budget=p.budget,
+            structure=p.structure,
+            criterion=p.criterion,
+            allocation=p.allocation,
+            schedule=schedule_in_steps(p.schedule, steps_per_epoch),
+            include=p.include or None,
+            exclude=p.exclude or None,
+            params=p.params or None,
+            data=calib,
+            loss_fn=nn.functional.cross_entropy,
+            calibration_batches=p.calibration_batches,
+            seed=recipe.seed,
+        )
+
+    # with shrinking, the pruner is rebuilt on the smaller model; this one checks the plan
+    pruner = make_pruner(copy.deepcopy(model) if structural else model)
     ft_steps = recipe.finetune.epochs * steps_per_epoch
     last = pruner.last_step
     if last > ft_steps:
@@ -236,8 +253,13 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
     # the dense model teaches the pruned one when the recipe distills
     teacher = copy.deepcopy(model) if recipe.finetune.distill is not None else None
     t_prune = time.perf_counter()
-    pruner.step()  # step 0: one-shot schedules prune before fine-tuning starts
     ft_cfg = recipe.finetune.config(train_cfg)
+    shrunk: dict[str, Any] = {}
+    if structural:
+        model, shrunk = _shrink(recipe, model, example, calib, train_loader, ft_cfg, progress)
+        meta["channel_plan"] = shrunk.pop("plan")
+        pruner = make_pruner(model)
+    pruner.step()  # step 0: one-shot schedules prune before fine-tuning starts
 
     def on_epoch_end(epoch: int, loss: float) -> None:
         point: dict[str, Any] = {
@@ -323,6 +345,7 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
         extra={
             **({"export": exported} if exported else {}),
             **({"lottery_tickets": tickets} if tickets else {}),
+            **({"shrink": shrunk} if shrunk else {}),
             "prune_events": history,
             "seconds": {
                 "dense": dense_seconds,
@@ -374,6 +397,8 @@ def _export(
             in_channels=meta["in_channels"],
             **recipe.model.options,
         )
+        if meta.get("channel_plan"):
+            apply_plan_(loaded, ChannelPlan.from_json(meta["channel_plan"]))
         load_compressed(path, loaded)
         dense_bytes = dense_path.stat().st_size
         out["compressed"] = {
@@ -390,6 +415,49 @@ def _export(
         report = export_onnx(model, example[:1], out_dir / ONNX_FILE)
         out["onnx"] = {**report.to_dict(), "file_bytes": report.bytes}
     return out
+
+
+def _shrink(
+    recipe: Recipe,
+    model: nn.Module,
+    example: Tensor,
+    calib: DataLoader[Any],
+    train_loader: DataLoader[Any],
+    ft_cfg: Any,
+    progress: Progress,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Remove channels as the recipe's ``shrink`` section says; returns the smaller model and
+    what was done (with the replayable plan as JSON under ``plan``)."""
+    s = recipe.shrink
+    between = dataclasses.replace(ft_cfg, epochs=s.epochs_between)
+
+    def finetune(m: nn.Module, step: int) -> None:
+        if between.epochs:
+            progress.message(f"shrink step {step}: fine-tuning {between.epochs} epoch(s)")
+            train(m, train_loader, between)
+
+    small, report = shrink(
+        model,
+        example[:1],
+        budget=s.budget or {},
+        criterion=s.criterion,
+        allocation=s.allocation,
+        max_ratio=s.max_ratio,
+        round_to=s.round_to,
+        ignored_layers=s.ignored_layers,
+        data=calib,
+        loss_fn=nn.functional.cross_entropy,
+        calibration_batches=s.calibration_batches,
+        seed=recipe.seed,
+        steps=s.steps,
+        finetune=finetune,
+        report=True,
+    )
+    progress.message(
+        f"removed {report.channels_removed} of {report.channels_prunable} channels: "
+        f"MACs {report.macs_before:,} -> {report.macs_after:,} ({report.macs_ratio:.1%})"
+    )
+    return small, {**report.to_dict(), "plan": report.plan.to_json()}
 
 
 def _load_data(recipe: Recipe) -> DataBundle:

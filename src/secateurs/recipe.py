@@ -75,6 +75,28 @@ class PruneSection:
 
 
 @dataclass
+class ShrinkSection:
+    """Structural pruning: remove channels for real (see :func:`secateurs.shrink`).
+
+    Off unless ``budget`` is set (``{name: macs, keep: 0.5}``, ``{name: params, keep: 0.6}``
+    or ``{name: sparsity, value: 0.3}`` for a fraction of channels). It runs after dense
+    training and before the ``prune`` section, which may then mask the smaller model further.
+    With ``steps`` > 1 the budget is reached in equal cuts with ``epochs_between`` epochs of
+    fine-tuning after each cut but the last; the ``finetune`` section follows at the end.
+    """
+
+    budget: MethodSpec | None = None
+    criterion: MethodSpec = field(default_factory=lambda: {"name": "magnitude", "p": 2})
+    allocation: str = "uniform"
+    max_ratio: float = 0.9
+    round_to: int | None = None
+    ignored_layers: list[str] = field(default_factory=list)
+    steps: int = 1
+    epochs_between: int = 1
+    calibration_batches: int = 8
+
+
+@dataclass
 class FinetuneSection:
     """Recovery training during and after pruning. Null values follow the ``train`` section,
     except ``lr``, which defaults to a tenth of training's.
@@ -162,6 +184,7 @@ class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainConfig = field(default_factory=TrainConfig)
+    shrink: ShrinkSection = field(default_factory=ShrinkSection)
     prune: PruneSection = field(default_factory=PruneSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     output: OutputSection = field(default_factory=OutputSection)
@@ -175,6 +198,8 @@ class Recipe:
 
 
 _METHOD_FIELDS: dict[str, Registry[Any]] = {
+    "shrink.budget": BUDGETS,
+    "shrink.criterion": CRITERIA,
     "prune.budget": BUDGETS,
     "prune.structure": STRUCTURES,
     "prune.criterion": CRITERIA,
@@ -279,6 +304,7 @@ def validate(recipe: Recipe) -> Recipe:
         )
     if p.sparsity is not None and p.budget is not None:
         raise ConfigError("recipe keys 'prune.sparsity' and 'prune.budget' exclude each other")
+    _validate_shrink(recipe.shrink)
     for path, value, zero_ok in (
         ("data.batch_size", recipe.data.batch_size, False),
         ("data.limit_train", recipe.data.limit_train, False),
@@ -313,6 +339,36 @@ def validate(recipe: Recipe) -> Recipe:
             f"(centroids exist only with weight sharing); got {recipe.export.quantization!r}"
         )
     return recipe
+
+
+def _validate_shrink(s: ShrinkSection) -> None:
+    from secateurs.shrink import ALLOCATIONS as SHRINK_ALLOCATIONS
+
+    if s.allocation not in SHRINK_ALLOCATIONS:
+        raise ConfigError(
+            f"recipe key 'shrink.allocation' has value {s.allocation!r}; allowed: "
+            f"{', '.join(SHRINK_ALLOCATIONS)}"
+        )
+    if s.budget is not None and BUDGETS.build(s.budget).registry_name not in (
+        "macs",
+        "params",
+        "sparsity",
+    ):
+        raise ConfigError(
+            f"recipe key 'shrink.budget' has value {s.budget!r}; structural budgets are macs, "
+            "params and sparsity"
+        )
+    if not 0 < s.max_ratio <= 1:
+        raise ConfigError(
+            f"recipe key 'shrink.max_ratio' has value {s.max_ratio!r}; must be in (0, 1]"
+        )
+    for path, value, zero_ok in (
+        ("shrink.round_to", s.round_to, False),
+        ("shrink.steps", s.steps, False),
+        ("shrink.epochs_between", s.epochs_between, True),
+        ("shrink.calibration_batches", s.calibration_batches, False),
+    ):
+        _positive(path, value, zero_ok)
 
 
 def parse(raw: Any, source: str = "recipe") -> Recipe:

@@ -22,14 +22,14 @@ import copy
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from secateurs.budgets import MACs, Params, Sparsity
+from secateurs.budgets import BUDGETS, Budget, MACs, Params, Sparsity
 from secateurs.calibration import LossFn
 from secateurs.criteria import CRITERIA, Criterion, Magnitude
 from secateurs.errors import BudgetError, ConfigError, SecateursError
@@ -86,7 +86,12 @@ def _criterion(criterion: Criterion | str | dict[str, Any] | None) -> Criterion:
     return CRITERIA.build(criterion)
 
 
-def _budget(budget: Any) -> StructuralBudget:
+BudgetSpec = Budget | str | Mapping[str, Any]
+
+
+def _budget(budget: BudgetSpec) -> StructuralBudget:
+    if isinstance(budget, (str, Mapping)):
+        budget = BUDGETS.build(budget)
     if isinstance(budget, (Sparsity, Params, MACs)):
         return budget
     raise ConfigError(
@@ -231,7 +236,38 @@ def _search(
             hi = mid
         else:
             lo = mid
-    return _removal(cands, hi, allocation, round_to)
+    return _give_back(cands, _removal(cands, hi, allocation, round_to), value, limit, round_to)
+
+
+def _give_back(
+    cands: list[_Candidates],
+    removed: dict[int, Tensor],
+    value: Callable[[dict[int, Tensor]], float],
+    limit: float,
+    round_to: int | None,
+) -> dict[int, Tensor]:
+    """Put back the most important removed channels (a ``round_to`` step at a time) while the
+    budget still holds: one step of the search can overshoot by a whole channel per group."""
+    step = round_to or 1
+    by_index = {c.group.index: c for c in cands}
+    changed = True
+    tries = 0
+    while changed and tries < 20 * max(len(removed), 1):
+        changed = False
+        for gi in sorted(removed, key=lambda i: -int(removed[i].sum())):
+            tries += 1
+            c, mask = by_index[gi], removed[gi]
+            n = int(mask.sum()) - step
+            trial = dict(removed)
+            if n > 0:
+                fewer = torch.zeros_like(mask)
+                fewer[c.order[:n]] = True
+                trial[gi] = fewer
+            else:
+                del trial[gi]
+            if value(trial) <= limit:
+                removed, changed = trial, True
+    return removed
 
 
 def _validate(allocation: str, max_ratio: float, round_to: int | None, steps: int) -> None:
@@ -265,7 +301,7 @@ def _step_budget(
 def plan_shrink(
     model: nn.Module,
     example_inputs: Inputs,
-    budget: StructuralBudget,
+    budget: BudgetSpec,
     criterion: Criterion | str | dict[str, Any] | None = None,
     allocation: str = "uniform",
     max_ratio: float = 0.9,
@@ -308,7 +344,7 @@ def _pinned_summary(graph: ChannelGraph) -> str:
 def shrink(
     model: nn.Module,
     example_inputs: Inputs,
-    budget: StructuralBudget,
+    budget: BudgetSpec,
     criterion: Criterion | str | dict[str, Any] | None = None,
     allocation: str = "uniform",
     max_ratio: float = 0.9,
@@ -335,7 +371,8 @@ def shrink(
     _validate(allocation, max_ratio, round_to, steps)
     budget = _budget(budget)
     _criterion(criterion)
-    _ignored(model, ignored_layers)
+    # module objects only identify layers of `model`, not of its copy: use exact names
+    ignored_names = [re.escape(n) for n in sorted(_ignored(model, ignored_layers))]
     start = time.perf_counter()
     small = copy.deepcopy(model)
     reference = run_example(model, example_inputs)
@@ -352,7 +389,7 @@ def shrink(
             allocation,
             max_ratio,
             round_to,
-            ignored_layers,
+            ignored_names,
             data,
             loss_fn,
             calibration_batches,

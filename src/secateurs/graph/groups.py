@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from secateurs.graph.labels import compress, components
+from secateurs.graph.labels import components, compress
 from secateurs.graph.trace import TensorRef, TraceState, Unhandled, WeightUse, trace
 from secateurs.metrics import Inputs
 

@@ -89,7 +89,7 @@ class ChannelCriterion(Criterion):
     def channel_scores(self, ctx: ChannelContext) -> dict[int, Tensor]:
         """``{group index: float32 [group size]}`` for every prunable group of ``ctx.graph``."""
 
-    def refit(self, ctx: ChannelContext, removed: dict[int, Tensor]) -> None:  # noqa: B027
+    def refit(self, ctx: ChannelContext, removed: dict[int, Tensor]) -> None:
         """Adjust kept weights to compensate for ``removed`` before surgery (default: none)."""
 
 

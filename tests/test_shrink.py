@@ -1,0 +1,278 @@
+"""``sc.shrink``: budgets met by search, allocation, round_to, ignored layers, iterative steps,
+the replayable plan, the pipeline's ``shrink`` section, and bad input refused untouched."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import secateurs as sc
+from secateurs import cli
+from secateurs.graph import mask_plan_
+from secateurs.metrics import profile
+from secateurs.pipeline import load_model_from_checkpoint
+from secateurs.zoo import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def vgg(seed: int = 0) -> nn.Module:
+    model = build_model("vgg-bn", num_classes=10, in_channels=1, seed=seed)
+    with torch.no_grad():  # distinct BN statistics so that every channel matters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def resnet() -> nn.Module:
+    return build_model("resnet-20", num_classes=10, in_channels=1, seed=0).eval()
+
+
+X = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+def conv_widths(model: nn.Module) -> list[int]:
+    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("round_to", [None, 8])
+@pytest.mark.parametrize("make", [vgg, resnet], ids=["vgg-bn", "resnet-20"])
+def test_macs_budget_is_met_within_one_percent_and_counted_like_profile(
+    make: Any, allocation: str, round_to: int | None
+) -> None:
+    model = make()
+    small, report = sc.shrink(
+        model, X[:1], budget=sc.MACs(0.5), allocation=allocation, round_to=round_to, report=True
+    )
+    dense_macs = profile(model, X[:1]).totals["macs"]
+    small_macs = profile(small, X[:1]).totals["macs"]
+    assert report.macs_before == dense_macs and report.macs_after == small_macs
+    assert 0.49 <= small_macs / dense_macs <= 0.5
+    assert report.channels_removed > 0
+    if round_to:
+        for before, after in zip(conv_widths(model), conv_widths(small), strict=True):
+            assert after == before or after % round_to == 0
+
+
+def test_shrunk_model_equals_the_masked_model_and_the_original_is_untouched() -> None:
+    model = resnet()
+    before = state_copy(model)
+    small, report = sc.shrink(model, X[:1], budget=sc.MACs(0.6), report=True)
+    assert same_state(model, before)
+    masked = mask_plan_(copy.deepcopy(model), report.plan)
+    with torch.no_grad():
+        torch.testing.assert_close(small(X), masked(X), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(masked(X), model(X), atol=1e-4)  # channels really mattered
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    assert all(
+        type(m).__module__.startswith(("torch.nn", "secateurs.zoo")) for m in small.modules()
+    )
+
+
+def test_params_and_channel_budgets() -> None:
+    model = vgg()
+    total = sum(p.numel() for p in model.parameters())
+    small = sc.shrink(model, X[:1], budget=sc.Params(0.5))
+    assert sum(p.numel() for p in small.parameters()) <= 0.5 * total
+    small, report = sc.shrink(model, X[:1], budget=sc.Sparsity(0.25), report=True)
+    assert report.channels_removed >= 0.25 * report.channels_prunable
+    assert report.channels_removed <= 0.25 * report.channels_prunable + report.groups
+    by_name = sc.shrink(model, X[:1], budget={"name": "macs", "keep": 0.5})
+    assert conv_widths(by_name) == conv_widths(sc.shrink(model, X[:1], budget=sc.MACs(0.5)))
+
+
+def test_max_ratio_caps_every_group_and_an_unreachable_budget_says_what_is_reachable() -> None:
+    model = vgg()
+    small = sc.shrink(model, X[:1], budget=sc.Sparsity(0.4), max_ratio=0.5)
+    for before, after in zip(conv_widths(model), conv_widths(small), strict=True):
+        assert after >= before * 0.5
+    before = state_copy(model)
+    with pytest.raises(sc.BudgetError, match="leaves"):
+        sc.shrink(model, X[:1], budget=sc.MACs(0.05), max_ratio=0.5)
+    with pytest.raises(sc.BudgetError):
+        sc.shrink(model, X[:1], budget=sc.MACs(1))
+    assert same_state(model, before)
+
+
+def test_ignored_layers_keep_their_output_channels() -> None:
+    model = vgg()
+    first = model.features[0][0]
+    small = sc.shrink(
+        model, X[:1], budget=sc.MACs(0.6), ignored_layers=["features.0.0", r"features\.1\.0"]
+    )
+    assert conv_widths(small)[:2] == [32, 32]
+    assert conv_widths(small)[2:] != conv_widths(model)[2:]
+    small = sc.shrink(model, X[:1], budget=sc.MACs(0.6), ignored_layers=[first])
+    assert conv_widths(small)[0] == 32
+    with pytest.raises(sc.ConfigError, match=r"'features\.9'"):
+        sc.shrink(model, X[:1], budget=sc.MACs(0.6), ignored_layers=["features.9"])
+    with pytest.raises(sc.ConfigError, match="not a module"):
+        sc.shrink(model, X[:1], budget=sc.MACs(0.6), ignored_layers=[nn.Linear(2, 2)])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"budget": 0.5}, "budget must be"),
+        ({"budget": sc.MACs(0.5), "allocation": "lamp"}, "allocation"),
+        ({"budget": sc.MACs(0.5), "round_to": 0}, "round_to"),
+        ({"budget": sc.MACs(0.5), "steps": 0}, "steps"),
+        ({"budget": sc.MACs(0.5), "max_ratio": 1.5}, "max_ratio"),
+        ({"budget": sc.MACs(0.5), "criterion": "no_such"}, "no_such"),
+        ({"budget": sc.MACs(0.5), "criterion": "taylor"}, "calibration data"),
+    ],
+)
+def test_bad_arguments_are_config_errors_and_nothing_changes(
+    kwargs: dict[str, Any], match: str
+) -> None:
+    model = vgg()
+    before = state_copy(model)
+    with pytest.raises(sc.ConfigError, match=match):
+        sc.shrink(model, X[:1], **kwargs)
+    assert same_state(model, before)
+
+
+def test_macs_budget_values_are_checked() -> None:
+    for bad in (0.0, 1.5, -3, True, "half"):
+        with pytest.raises(sc.ConfigError, match="MACs keep"):
+            sc.MACs(bad)  # type: ignore[arg-type]
+    with pytest.raises(sc.ConfigError, match=r"sc\.shrink"):
+        sc.prune_(vgg(), budget=sc.MACs(0.5))
+
+
+def test_a_parametrized_model_is_refused() -> None:
+    model = vgg()
+    sc.prune_(model, sparsity=0.5)
+    with pytest.raises(sc.ModelError, match="make_permanent_"):
+        sc.shrink(model, X[:1], budget=sc.MACs(0.5))
+
+
+def test_iterative_steps_finetune_between_cuts_and_the_plan_replays() -> None:
+    model = resnet()
+    calls: list[int] = []
+
+    def finetune(m: nn.Module, step: int) -> None:
+        calls.append(step)
+        with torch.no_grad():  # a stand-in for training: weights move between the cuts
+            for p in m.parameters():
+                p.mul_(1.01)
+
+    small, report = sc.shrink(
+        model, X[:1], budget=sc.MACs(0.5), steps=3, finetune=finetune, report=True
+    )
+    assert calls == [1, 2]
+    assert 0.49 <= report.macs_ratio <= 0.5
+    fresh = resnet()
+    sc.apply_plan_(fresh, report.plan)
+    fresh.load_state_dict(small.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X), small(X))
+
+
+def test_plan_round_trips_through_safetensors_into_a_fresh_model(tmp_path: Path) -> None:
+    model = resnet()
+    small, report = sc.shrink(model, X[:1], budget=sc.MACs(0.5), allocation="global", report=True)
+    path = sc.export_safetensors(small, tmp_path / "small.safetensors", channel_plan=report.plan)
+    plan = sc.ChannelPlan.from_json(report.plan.to_json())
+    assert plan == report.plan
+    fresh = sc.load_safetensors(path, resnet())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X), small(X))
+    with pytest.raises(sc.ConfigError, match="version"):
+        sc.ChannelPlan.from_json(json.dumps({"version": 99, "removed": {}}))
+    with pytest.raises(sc.ConfigError, match="not a secateurs channel plan"):
+        sc.ChannelPlan.from_json("[1, 2]")
+    with pytest.raises(sc.ConfigError, match="no_such"):
+        sc.apply_plan_(resnet(), sc.ChannelPlan({"no_such.weight": {0: [1]}}))
+
+
+def test_same_seed_same_plan_and_random_criterion_depends_on_the_seed() -> None:
+    model = vgg()
+    plans = [
+        sc.shrink(model, X[:1], budget=sc.MACs(0.5), criterion="random", seed=s, report=True)[
+            1
+        ].plan
+        for s in (1, 1, 2)
+    ]
+    assert plans[0] == plans[1] and plans[0] != plans[2]
+
+
+def test_gradient_criterion_with_calibration_data_and_no_grad_eval_callers() -> None:
+    model = vgg().train()
+    data = DataLoader(
+        TensorDataset(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))), batch_size=8
+    )
+    with torch.no_grad():
+        small = sc.shrink(
+            model, X[:1], budget=sc.MACs(0.5), criterion="taylor", data=data,
+            loss_fn=nn.functional.cross_entropy,
+        )  # fmt: skip
+    assert model.training and all(m.training for m in model.modules())
+    assert conv_widths(small) != conv_widths(model)
+
+
+def test_recipe_shrink_section_runs_and_the_checkpoint_reloads(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code = cli.main([
+        "run", str(REPO / "recipes" / "quick-synthetic.yaml"), "--out", str(out),
+        "--set", "model.name=vgg-bn", "--set", "data.limit_train=128",
+        "--set", "data.limit_test=64", "--set", "prune.sparsity=0.2",
+        "--set", "shrink={budget: {name: macs, keep: 0.5}, steps: 2, epochs_between: 1}",
+    ])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (
+        0.49
+        <= report["extra"]["shrink"]["macs_after"] / report["extra"]["shrink"]["macs_before"]
+        <= 0.5
+    )
+    assert report["pruned"]["macs"] < 0.5 * report["dense"]["macs"]
+    model, meta = load_model_from_checkpoint(out / "model.safetensors")
+    assert "channel_plan" in meta and conv_widths(model) != [32, 32, 64, 64, 128]
+
+
+@pytest.mark.parametrize(
+    ("section", "match"),
+    [
+        ("{budget: {name: macs, keep: 0.5}, allocation: lamp}", "shrink.allocation"),
+        ("{budget: {name: macs, keep: 2.5}}", "shrink.budget"),
+        ("{budget: {name: macs, keep: 0.5}, bogus: 1}", "bogus"),
+        ("{budget: {name: macs, keep: 0.5}, steps: 0}", "shrink.steps"),
+    ],
+)
+def test_bad_shrink_sections_are_refused_before_any_work(
+    section: str, match: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(
+        [
+            "run",
+            str(REPO / "recipes" / "quick-synthetic.yaml"),
+            "--out",
+            str(tmp_path),
+            "--set",
+            f"shrink={section}",
+        ]
+    )
+    assert code == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "dense.safetensors").exists()
