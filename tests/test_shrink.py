@@ -276,3 +276,29 @@ def test_bad_shrink_sections_are_refused_before_any_work(
     assert code == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "dense.safetensors").exists()
+
+
+class Unknown(nn.Module):
+    """A conv whose output goes through an op without a channel rule (an FFT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.a(x))
+        x = torch.fft.fft(self.b(x), dim=-1).real  # unknown to secateurs
+        x = torch.relu(self.c(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_unknown_ops_keep_their_channels_and_are_reported_or_refused_when_strict() -> None:
+    model = Unknown().eval()
+    small, report = sc.shrink(model, X[:1], budget=sc.Sparsity(0.2), report=True)
+    assert small.b.out_channels == 8 and small.a.out_channels < 8
+    assert report.unhandled == ["fft_fft in <model>"]  # op name, and where: the model's forward
+    with pytest.raises(sc.ModelError, match="fft"):
+        sc.shrink(model, X[:1], budget=sc.Sparsity(0.2), strict=True)

@@ -233,7 +233,8 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
         progress.message(f"loaded dense weights from {recipe.model.checkpoint}")
     elif recipe.train.epochs:
         progress.phase(f"training dense {recipe.model.name}", train_cfg.epochs * steps_per_epoch)
-        train(model, train_loader, train_cfg, progress=progress.advance)
+        sparsifying = [REGULARIZERS.build(r).bind(model) for r in recipe.train.regularizers]
+        train(model, train_loader, train_cfg, progress=progress.advance, loss_terms=sparsifying)
     dense_seconds = time.perf_counter() - t_dense
     dense_path = out_dir / DENSE_FILE
     save_checkpoint(model, dense_path, {**meta, "pruned": False})

@@ -75,6 +75,15 @@ class PruneSection:
 
 
 @dataclass
+class TrainSection(TrainConfig):
+    """Dense training (:class:`~secateurs.train.TrainConfig`), plus ``regularizers`` added to
+    its loss: ``bn_l1`` here is Network Slimming's sparsity training, which drives unneeded
+    BatchNorm scales toward zero before the ``bn_scale`` criterion ranks channels by them."""
+
+    regularizers: list[MethodSpec] = field(default_factory=list)
+
+
+@dataclass
 class ShrinkSection:
     """Structural pruning: remove channels for real (see :func:`secateurs.shrink`).
 
@@ -183,7 +192,7 @@ class Recipe:
     seed: int = 0
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainSection = field(default_factory=TrainSection)
     shrink: ShrinkSection = field(default_factory=ShrinkSection)
     prune: PruneSection = field(default_factory=PruneSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
@@ -322,8 +331,9 @@ def validate(recipe: Recipe) -> Recipe:
             f"recipe key 'finetune.optimizer' has value {recipe.finetune.optimizer!r}; "
             "allowed: sgd, adamw, or null for the training optimizer"
         )
-    for i, spec in enumerate(recipe.finetune.regularizers):
-        _check_method(f"finetune.regularizers[{i}]", REGULARIZERS, spec)
+    for section in ("train", "finetune"):
+        for i, spec in enumerate(getattr(recipe, section).regularizers):
+            _check_method(f"{section}.regularizers[{i}]", REGULARIZERS, spec)
     if recipe.finetune.distill is not None:
         try:
             build_dataclass(Distillation, recipe.finetune.distill, "distillation")

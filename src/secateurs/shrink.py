@@ -311,6 +311,7 @@ def plan_shrink(
     loss_fn: LossFn | None = None,
     calibration_batches: int = 8,
     seed: int = 0,
+    strict: bool = False,
 ) -> tuple[ChannelPlan, ChannelGraph, dict[int, Tensor]]:
     """Decide which channels to remove (without removing them): plan, graph and masks.
 
@@ -321,7 +322,7 @@ def plan_shrink(
     crit = _criterion(criterion)
     budget = _budget(budget)
     ignored = _ignored(model, ignored_layers)
-    graph = build_graph(model, example_inputs)
+    graph = build_graph(model, example_inputs, strict=strict)
     if not graph.prunable_groups:
         raise ConfigError(
             f"{type(model).__name__} has no removable channels: every channel is pinned "
@@ -357,6 +358,7 @@ def shrink(
     steps: int = 1,
     finetune: Callable[[nn.Module, int], None] | None = None,
     report: bool = False,
+    strict: bool = False,
 ) -> Any:
     """Remove channels from a copy of ``model`` until ``budget`` is met; return the copy.
 
@@ -364,7 +366,9 @@ def shrink(
     parameters, ``sc.Sparsity(0.3)`` removes 30% of the removable channels. ``criterion``:
     any registered criterion (default L2 group magnitude); data-driven ones need ``data``
     (batches of ``(inputs, labels)``) and, for gradients, ``loss_fn``. ``ignored_layers``:
-    module names, regexes or modules whose output channels stay. With ``report=True`` the
+    module names, regexes or modules whose output channels stay. Operations secateurs has no
+    channel rule for keep their channels (listed in the report's ``unhandled``); ``strict=True``
+    makes them an error. With ``report=True`` the
     result is ``(model, ShrinkReport)``; the report's plan replays the surgery on a fresh
     instance of the original class (:func:`secateurs.graph.apply_plan_`).
     """
@@ -376,7 +380,7 @@ def shrink(
     start = time.perf_counter()
     small = copy.deepcopy(model)
     reference = run_example(model, example_inputs)
-    graph0 = build_graph(small, example_inputs)
+    graph0 = build_graph(small, example_inputs, strict=strict)
     shapes = {ref.qualname: s for ref, s in graph0.shapes.items()}
     plan = ChannelPlan()
     last_graph, removed = graph0, dict[int, Tensor]()
@@ -394,6 +398,7 @@ def shrink(
             loss_fn,
             calibration_batches,
             seed,
+            strict,
         )
         apply_plan_(small, step_plan)
         plan = plan.merged(step_plan, shapes)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from secateurs.errors import ModelError
 from secateurs.graph.labels import components, compress
 from secateurs.graph.trace import TensorRef, TraceState, Unhandled, WeightUse, trace
 from secateurs.metrics import Inputs
@@ -196,12 +197,20 @@ def build_groups(state: TraceState, shapes: dict[TensorRef, tuple[int, ...]]) ->
     return ChannelGraph(groups, state.weight_uses, shapes, state.unhandled)
 
 
-def build_graph(model: nn.Module, example_inputs: Inputs) -> ChannelGraph:
+def build_graph(model: nn.Module, example_inputs: Inputs, strict: bool = False) -> ChannelGraph:
     """Trace ``model`` on ``example_inputs`` and return its coupled channel groups.
 
-    Works in eval mode and under ``torch.no_grad()``; the model is not changed.
+    Works in eval mode and under ``torch.no_grad()``; the model is not changed. An operation
+    without a channel rule pins the channels that reach it (they are never removed) and is
+    listed in :attr:`ChannelGraph.unhandled`; with ``strict=True`` it is an error instead.
     """
     state = trace(model, example_inputs)
+    if strict and state.unhandled:
+        ops = "; ".join(sorted({f"{u.op} in {u.module}" for u in state.unhandled}))
+        raise ModelError(
+            f"{type(model).__name__} uses operations whose channel semantics secateurs does not "
+            f"know: {ops}. Their channels would be kept; pass strict=False to prune the rest"
+        )
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     shapes = {
         ref: tuple(tensors[ref.qualname].shape)
