@@ -249,6 +249,7 @@ def test_recipe_shrink_section_runs_and_the_checkpoint_reloads(tmp_path: Path) -
     assert report["pruned"]["macs"] < 0.5 * report["dense"]["macs"]
     model, meta = load_model_from_checkpoint(out / "model.safetensors")
     assert "channel_plan" in meta and conv_widths(model) != [32, 32, 64, 64, 128]
+    assert cli.main(["summary", str(out / "model.safetensors")]) == 0
 
 
 @pytest.mark.parametrize(
