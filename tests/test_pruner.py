@@ -413,6 +413,11 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "random": {},
     "taylor": {},
     "obd": {},
+    "bn_scale": {},
+    "apoz": {},
+    "mean_activation": {},
+    "fpgm": {},
+    "regression": {"method": "lasso", "samples": 64},
     "uniform": {},
     "global": {},
     "lamp": {},
@@ -442,7 +447,17 @@ def test_every_registered_name_has_test_options() -> None:
     assert {name for _, name in ALL_NAMES} == set(OPTIONS)
     expected_axes = {
         "structure": {"elements", "nm", "blocks", "channels"},
-        "criterion": {"magnitude", "random", "taylor", "obd"},
+        "criterion": {
+            "magnitude",
+            "random",
+            "taylor",
+            "obd",
+            "bn_scale",
+            "apoz",
+            "mean_activation",
+            "fpgm",
+            "regression",
+        },
         "allocation": {"uniform", "global", "lamp", "layer_map", "erk"},
         "schedule": {
             "oneshot",

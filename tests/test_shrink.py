@@ -303,3 +303,12 @@ def test_unknown_ops_keep_their_channels_and_are_reported_or_refused_when_strict
     assert report.unhandled == ["fft_fft in <model>"]  # op name, and where: the model's forward
     with pytest.raises(sc.ModelError, match="fft"):
         sc.shrink(model, X[:1], budget=sc.Sparsity(0.2), strict=True)
+
+
+@pytest.mark.parametrize("name", ["bn_scale", "apoz", "mean_activation", "fpgm", "regression"])
+def test_channel_criteria_are_refused_for_masks_with_a_pointer_to_shrink(name: str) -> None:
+    model = vgg()
+    before = state_copy(model)
+    with pytest.raises(sc.ConfigError, match=r"sc\.shrink"):
+        sc.prune_(model, sparsity=0.5, criterion=name)
+    assert same_state(model, before)

@@ -17,7 +17,19 @@ from secateurs.compress import (
     save_compressed,
     share_weights_,
 )
-from secateurs.criteria import CRITERIA, OBD, Criterion, Magnitude, Random, Taylor
+from secateurs.criteria import (
+    CRITERIA,
+    FPGM,
+    OBD,
+    APoZ,
+    BNScale,
+    Criterion,
+    Magnitude,
+    MeanActivation,
+    Random,
+    Regression,
+    Taylor,
+)
 from secateurs.errors import BudgetError, ConfigError, DataError, ModelError, SecateursError
 from secateurs.export import ExportReport, export_onnx, export_safetensors, load_safetensors
 from secateurs.graph import ChannelGraph, ChannelPlan, apply_plan_, build_graph
@@ -54,6 +66,7 @@ __all__ = [
     "CRITERIA",
     "DSD",
     "ERK",
+    "FPGM",
     "IHT",
     "LAMP",
     "NM",
@@ -61,7 +74,9 @@ __all__ = [
     "SCHEDULES",
     "SET",
     "STRUCTURES",
+    "APoZ",
     "Allocation",
+    "BNScale",
     "Blocks",
     "Budget",
     "BudgetError",
@@ -81,11 +96,13 @@ __all__ = [
     "Lottery",
     "MACs",
     "Magnitude",
+    "MeanActivation",
     "ModelError",
     "OneShot",
     "Params",
     "Pruner",
     "Random",
+    "Regression",
     "RigL",
     "Schedule",
     "SecateursError",

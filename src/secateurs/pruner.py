@@ -18,6 +18,7 @@ from secateurs.budgets import BUDGETS, Budget, Sparsity
 from secateurs.calibration import LossFn, calibrate, dense_gradients
 from secateurs.criteria import CRITERIA, Criterion, Magnitude
 from secateurs.errors import ConfigError
+from secateurs.graph.importance import ChannelCriterion
 from secateurs.masks import remove_mask, set_mask
 from secateurs.registry import to_spec
 from secateurs.schedules import (
@@ -119,6 +120,17 @@ class PruneEvent:
     kind: str = "prune"
 
 
+def _element_criterion(criterion: Criterion) -> Criterion:
+    """``criterion``, unless it only scores whole channels (then it belongs to ``shrink``)."""
+    if isinstance(criterion, ChannelCriterion):
+        raise ConfigError(
+            f"criterion {criterion.registry_name!r} scores whole channels of a traced model; "
+            "use it with sc.shrink(model, example_inputs, budget=..., criterion=...), not for "
+            "masks"
+        )
+    return criterion
+
+
 @dataclass
 class Pruner:
     """Prunes ``model`` according to a plan, one-shot or on a schedule inside a training loop.
@@ -164,7 +176,7 @@ class Pruner:
 
     def __post_init__(self) -> None:
         self.structure_ = STRUCTURES.build(self.structure or Elements())
-        self.criterion_ = CRITERIA.build(self.criterion or Magnitude())
+        self.criterion_ = _element_criterion(CRITERIA.build(self.criterion or Magnitude()))
         self.allocation_ = ALLOCATIONS.build(self.allocation or Global())
         self.schedule_ = SCHEDULES.build(self.schedule or OneShot())
         if self.sparsity is not None and self.budget is not None:
@@ -230,7 +242,11 @@ class Pruner:
         self.prune_to(max(event.sparsity, self.structure_.min_sparsity()))
 
     def _on_remask(self, event: Remask) -> None:
-        criterion = CRITERIA.build(event.criterion) if event.criterion else self.criterion_
+        criterion = (
+            _element_criterion(CRITERIA.build(event.criterion))
+            if event.criterion
+            else self.criterion_
+        )
         allocation = ALLOCATIONS.build(event.allocation) if event.allocation else None
         self.densify(record=False)
         self.prune_to(event.sparsity, criterion=criterion, allocation=allocation, kind="remask")

@@ -3,5 +3,19 @@
 from secateurs.criteria.base import CRITERIA, Criterion, Stats
 from secateurs.criteria.gradient import OBD, Taylor
 from secateurs.criteria.magnitude import Magnitude, Random
+from secateurs.criteria.structural import FPGM, APoZ, BNScale, MeanActivation, Regression
 
-__all__ = ["CRITERIA", "OBD", "Criterion", "Magnitude", "Random", "Stats", "Taylor"]
+__all__ = [
+    "CRITERIA",
+    "FPGM",
+    "OBD",
+    "APoZ",
+    "BNScale",
+    "Criterion",
+    "Magnitude",
+    "MeanActivation",
+    "Random",
+    "Regression",
+    "Stats",
+    "Taylor",
+]

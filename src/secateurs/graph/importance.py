@@ -103,7 +103,7 @@ def _element_scores(criterion: Criterion, ctx: ChannelContext) -> dict[int, Tens
             ctx.model,
             list(targets.values()),
             criterion,
-            ctx.batches(type(criterion).__name__),
+            ctx.batches(getattr(criterion, "registry_name", type(criterion).__name__)),
             ctx.loss_fn,
             ctx.max_batches,
         )
