@@ -69,10 +69,16 @@ class IdSpace:
             self.pin(lonely, reason)
 
     def join_rows(self, ids: Tensor, rows: Tensor, reason: str) -> None:
-        """Tie ``ids[i]`` to every id in ``rows[i]`` (2-D); a row mixing ids and ``-1`` pins them."""
-        gap = (rows < 0).any(dim=1)
+        """Tie ``ids[i]`` to every id in ``rows[i]`` (2-D).
+
+        A row mixing ids and ``-1`` pins them, and so does a row whose ``ids[i]`` is ``-1``:
+        a position that is not a channel (a computed weight, a constant) keeps its size, so
+        whatever it is paired with must keep its size too.
+        """
+        ids = ids.reshape(-1)
+        gap = (rows < 0).any(dim=1) | (ids < 0)
         self.join(ids.reshape(-1, 1).expand_as(rows), rows)
-        stuck = torch.cat([ids.reshape(-1)[gap], rows[gap][rows[gap] >= 0]])
+        stuck = torch.cat([ids[gap], rows[gap][rows[gap] >= 0]])
         if stuck.numel():  # a position fed by something that is not a channel stays
             self.pin(stuck, reason)
 

@@ -189,6 +189,16 @@ def _register_refs(model: nn.Module, state: TraceState) -> None:
                 state.refs.setdefault(id(b), TensorRef(mod_name, name, False))
 
 
+def _tie_views(state: TraceState) -> None:
+    """A parameter used both as a layer weight (ids per dimension) and elementwise (ids per
+    element) is one tensor: element ``[.., i, ..]`` leaves with position ``i`` of each dim."""
+    for (ref, dim), ids in state.dim_ids.items():
+        elements = state.element_ids.get(ref)
+        if elements is not None:
+            rows = elements.movedim(dim, 0).reshape(elements.shape[dim], -1)
+            state.ids.join_rows(ids, rows, f"{ref.qualname} used two ways")
+
+
 def trace(model: nn.Module, example_inputs: Inputs) -> TraceState:
     """Run ``model`` on ``example_inputs`` once and record its channel coupling."""
     if any(parametrize.is_parametrized(m) for m in model.modules()):
@@ -218,6 +228,7 @@ def trace(model: nn.Module, example_inputs: Inputs) -> TraceState:
         for h in handles:
             h.remove()
     state.module_stack = [""]
+    _tie_views(state)
     for t in _tensors_in(out):
         if state.has_label(t):
             state.ids.pin(state.label(t), "a model output")
