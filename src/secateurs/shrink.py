@@ -40,7 +40,7 @@ from secateurs.metrics import Inputs, run_example
 
 StructuralBudget = Sparsity | Params | MACs
 ALLOCATIONS = ("uniform", "global")
-SEARCH_STEPS = 40
+SEARCH_STEPS = 30
 
 
 @dataclass
@@ -287,6 +287,8 @@ def _step_budget(
     budget: StructuralBudget, step: int, steps: int, graph0: ChannelGraph
 ) -> StructuralBudget:
     """The budget after ``step`` of ``steps`` equal cuts (counts taken on the original model)."""
+    if steps == 1:
+        return budget
     frac = step / steps
     if isinstance(budget, Sparsity):
         # each step removes an equal share of the original channels from what is left
@@ -312,17 +314,19 @@ def plan_shrink(
     calibration_batches: int = 8,
     seed: int = 0,
     strict: bool = False,
+    graph: ChannelGraph | None = None,
 ) -> tuple[ChannelPlan, ChannelGraph, dict[int, Tensor]]:
     """Decide which channels to remove (without removing them): plan, graph and masks.
 
     Criteria with a :meth:`~ChannelCriterion.refit` step (regression) adjust the kept
-    weights of ``model`` in place, so call this on the copy you will prune.
+    weights of ``model`` in place, so call this on the copy you will prune. ``graph``: the
+    model's graph when it is already built (it is traced otherwise).
     """
     _validate(allocation, max_ratio, round_to, 1)
     crit = _criterion(criterion)
     budget = _budget(budget)
     ignored = _ignored(model, ignored_layers)
-    graph = build_graph(model, example_inputs, strict=strict)
+    graph = graph or build_graph(model, example_inputs, strict=strict)
     if not graph.prunable_groups:
         raise ConfigError(
             f"{type(model).__name__} has no removable channels: every channel is pinned "
@@ -379,7 +383,6 @@ def shrink(
     ignored_names = [re.escape(n) for n in sorted(_ignored(model, ignored_layers))]
     start = time.perf_counter()
     small = copy.deepcopy(model)
-    reference = run_example(model, example_inputs)
     graph0 = build_graph(small, example_inputs, strict=strict)
     shapes = {ref.qualname: s for ref, s in graph0.shapes.items()}
     plan = ChannelPlan()
@@ -399,20 +402,20 @@ def shrink(
             calibration_batches,
             seed,
             strict,
+            graph0 if step == 1 else None,
         )
         apply_plan_(small, step_plan)
-        plan = plan.merged(step_plan, shapes)
+        plan = step_plan if step == 1 else plan.merged(step_plan, shapes)
         out = check_forward(small, lambda: run_example(small, example_inputs), f"step {step}")
-        _check_outputs(reference, out)
+        _check_outputs(graph0.output_shapes, out)
         if finetune is not None and step < steps:
             finetune(small, step)
-    final = build_graph(small, example_inputs)
     result = ShrinkReport(
         plan=plan,
         macs_before=graph0.macs(),
-        macs_after=final.macs(),
+        macs_after=last_graph.macs(removed),
         params_before=graph0.params(),
-        params_after=final.params(),
+        params_after=last_graph.params(removed),
         channels_removed=plan_channel_count(graph0, plan),
         channels_prunable=sum(g.num_prunable for g in graph0.prunable_groups),
         groups=len(graph0.prunable_groups),
@@ -437,14 +440,12 @@ def _per_group(graph: ChannelGraph, removed: dict[int, Tensor]) -> dict[str, int
     return {graph.groups[i].name: int(mask.sum()) for i, mask in removed.items()}
 
 
-def _check_outputs(reference: Any, out: Any) -> None:
-    ref_t = [t for t in _flat(reference)]
-    out_t = [t for t in _flat(out)]
-    if [t.shape for t in ref_t] != [t.shape for t in out_t]:
+def _check_outputs(expected: list[tuple[int, ...]], out: Any) -> None:
+    shapes = [tuple(t.shape) for t in _flat(out)]
+    if shapes != expected:
         raise SecateursError(
-            "removing channels changed the model's output shapes "
-            f"({[tuple(t.shape) for t in ref_t]} -> {[tuple(t.shape) for t in out_t]}); this "
-            "is a bug in secateurs' graph rules: please report the model"
+            f"removing channels changed the model's output shapes ({expected} -> {shapes}); "
+            "this is a bug in secateurs' graph rules: please report the model"
         )
 
 

@@ -67,6 +67,8 @@ class TraceState:
     weight_uses: list[WeightUse] = field(default_factory=list)
     unhandled: list[Unhandled] = field(default_factory=list)
     module_stack: list[str] = field(default_factory=lambda: [""])
+    #: shapes of the tensors the model returned, in order
+    output_shapes: list[tuple[int, ...]] = field(default_factory=list)
     #: extra per-module facts surgery needs (e.g. GroupNorm group sizes), by module name
     module_facts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -229,6 +231,7 @@ def trace(model: nn.Module, example_inputs: Inputs) -> TraceState:
             h.remove()
     state.module_stack = [""]
     _tie_views(state)
+    state.output_shapes = [tuple(t.shape) for t in _tensors_in(out)]
     for t in _tensors_in(out):
         if state.has_label(t):
             state.ids.pin(state.label(t), "a model output")
