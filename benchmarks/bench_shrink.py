@@ -31,10 +31,10 @@ from typing import Any
 import torch
 import torch_pruning as tp
 import torchvision
-from bench_finegrained import RESULTS, dense_model, write_results
 from torch import nn
 
 import secateurs as sc
+from bench_finegrained import RESULTS, dense_model, write_results
 from secateurs.data import load_fashion_mnist
 from secateurs.metrics import evaluate, measure_latency, profile
 from secateurs.train import TrainConfig, train
