@@ -550,12 +550,68 @@ class Heads(nn.Module):
         return self.out(heads.transpose(1, 2).reshape(b, t, -1))
 
 
-@pytest.mark.parametrize("width", [4, 8])  # one head (multi-query attention), two heads
-def test_splitting_channels_into_fixed_size_heads_is_pinned(width: int) -> None:
-    graph = build_graph(randomize_(Heads(width)), torch.randn(2, 5, 6))
+def test_one_fixed_size_head_is_pinned_and_several_become_one_channel_each() -> None:
+    graph = build_graph(randomize_(Heads(4)), torch.randn(2, 5, 6))
     group = group_with(graph, "v.weight", 0)
-    assert group.num_prunable == 0
-    assert any("view splits" in why for why in group.pinned_because), group.pinned_because
+    assert group.num_prunable == 0  # one head of 4: removing it would leave nothing
+    graph, _, pruned = prune_exactly(randomize_(Heads(12)), torch.randn(2, 5, 6))
+    group = group_with(graph, "v.weight", 0)
+    assert group.size == 3 and channel_of(group, "v.weight", 0) == [0] * 4 + [1] * 4 + [2] * 4
+    assert pruned.v.out_features % 4 == 0 and pruned.v.out_features < 12
+
+
+class MultiHead(nn.Module):
+    """Multi-head attention as Hugging Face writes it: heads of a fixed size with ``-1`` for
+    their count, grouped key/value heads repeated for the queries, scores by matmul or sdpa,
+    a rotary-style elementwise product with an unlabelled table."""
+
+    def __init__(self, how: str, heads: int = 4, kv_heads: int = 2, dim: int = 4) -> None:
+        super().__init__()
+        self.how, self.dim, self.rep = how, dim, heads // kv_heads
+        self.q = nn.Linear(8, heads * dim)
+        self.k = nn.Linear(8, kv_heads * dim)
+        self.v = nn.Linear(8, kv_heads * dim)
+        self.o = nn.Linear(heads * dim, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        split = (b, t, -1, self.dim)
+        q = self.q(x).view(split).transpose(1, 2)
+        k = self.k(x).view(split).transpose(1, 2)
+        v = self.v(x).view(split).transpose(1, 2)
+        angle = torch.arange(t * self.dim, dtype=x.dtype).reshape(t, self.dim)
+        q, k = q * angle.cos() + q.flip(-1) * angle.sin(), k * angle.cos()
+        if self.how == "sdpa-gqa":
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            k = (
+                k[:, :, None]
+                .expand(b, k.shape[1], self.rep, t, self.dim)
+                .reshape(b, -1, t, self.dim)
+            )
+            v = (
+                v[:, :, None]
+                .expand(b, v.shape[1], self.rep, t, self.dim)
+                .reshape(b, -1, t, self.dim)
+            )
+            if self.how == "matmul":
+                y = torch.softmax(q @ k.transpose(2, 3) / 2, dim=-1) @ v
+            else:
+                y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("how", ["matmul", "sdpa", "sdpa-gqa"])
+def test_whole_heads_go_with_their_key_value_head_and_the_output_columns(how: str) -> None:
+    model = randomize_(MultiHead(how))
+    graph, removed, pruned = prune_exactly(model, torch.randn(2, 5, 8))
+    group = group_with(graph, "k.weight", 0)
+    assert group.size == 2 and group.num_prunable == 2  # two key/value heads
+    assert {("q.weight", 0), ("v.weight", 0), ("o.weight", 1)} <= members(group)
+    # key/value head j carries query heads 2j and 2j + 1
+    assert channel_of(group, "q.weight", 0) == [0] * 8 + [1] * 8
+    assert pruned.q.out_features == 2 * pruned.k.out_features == pruned.o.in_features
+    assert pruned.k.out_features == 4  # one of the two key/value heads went
 
 
 def test_flattening_positions_into_tokens_keeps_channels() -> None:

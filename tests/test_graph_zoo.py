@@ -287,6 +287,31 @@ def test_transformers_model_prunes_exactly(name: str) -> None:
     check_prunes_exactly(f"transformers:{name}", randomize_(model), inputs)
 
 
+#: attention heads that are whole channels: (model, query projection, heads per channel)
+HEADS = {
+    "bert": ("bert.encoder.layer.0.attention.self.query", 4, 1),
+    "llama-gqa": ("model.layers.0.self_attn.q_proj", 2, 2),
+    "vit": ("vit.layers.0.attention.q_proj", 4, 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_transformer_heads_are_whole_channels_with_their_key_value_heads(name: str) -> None:
+    """Hugging Face attention splits channels with ``view(..., -1, head_dim)``: each head
+    (with grouped queries: each key/value head and its query heads) is one channel."""
+    model, inputs = TRANSFORMERS[name]()
+    query, channels, per = HEADS[name]
+    graph = build_graph(model.eval(), inputs)
+    group, member = next(
+        (g, m)
+        for g in graph.groups
+        for m in g.members
+        if m.ref.qualname == f"{query}.weight" and m.dim == 0
+    )
+    assert group.size == channels and group.num_prunable == channels
+    assert member.channel.tolist() == [c for c in range(channels) for _ in range(per * 16)]
+
+
 def test_zoo_summary() -> None:
     """Every torchvision classification model is tested (none left out), and of those that
     ran in this session, report how many pruned exactly; all of them must have."""

@@ -322,6 +322,8 @@ def _attention(
     when they vary along the last dimension only."""
     q, k, v = (_arg(args, kwargs, i, n) for i, n in ((0, "query"), (1, "key"), (2, "value")))
     mask = _arg(args, kwargs, 3, "attn_mask")
+    if _whole_heads(state, name, q, k, v, mask, out):
+        return
     for t in (q, k, mask):
         if isinstance(t, Tensor) and state.has_label(t):
             state.pin(state.label(t), f"{name} mixes queries and keys")
@@ -330,6 +332,35 @@ def _attention(
         state.pin(label, f"{name} mixes values along this dimension")
     elif isinstance(out, Tensor) and out.dim() == label.dim():
         state.set_label(out, label)
+
+
+def _head_ids(state: TraceState, t: Any) -> Tensor | None:
+    """One id per head of a ``[..., heads, tokens, dim]`` tensor whose channels are whole
+    heads (its label varies along the head dimension only), else None."""
+    if not (isinstance(t, Tensor) and t.dim() >= 3 and state.has_label(t)):
+        return None
+    label = state.label(t)
+    if any(label.shape[d] > 1 for d in range(label.dim()) if d != label.dim() - 3):
+        return None
+    return label.reshape(-1) if label.shape[-3] == t.shape[-3] else None
+
+
+def _whole_heads(state: TraceState, name: str, q: Any, k: Any, v: Any, mask: Any, out: Any) -> bool:
+    """Attention over whole heads: head ``h`` of the output reads head ``h`` of the queries,
+    and the keys and values of its key/value head (``h // (heads / kv_heads)`` with grouped
+    queries), so all of them form one channel; the output keeps the queries' heads."""
+    heads = [_head_ids(state, t) for t in (q, k, v)]
+    if any(h is None for h in heads) or (isinstance(mask, Tensor) and state.has_label(mask)):
+        return False
+    hq, hk, hv = heads
+    assert hq is not None and hk is not None and hv is not None
+    if hk.numel() != hv.numel() or hq.numel() % hk.numel():
+        return False
+    state.ids.join(hk, hv)
+    state.ids.join_rows(hk, hq.reshape(hk.numel(), -1), f"{name} heads")
+    if isinstance(out, Tensor):
+        state.set_label(out, state.label(q))
+    return True
 
 
 @rule("multi_head_attention_forward")
@@ -676,6 +707,8 @@ def _reshaping(
         return
     dims_in = [s for s in before.shape if s > 1]
     dims_out = [s for s in after.shape if s > 1]
+    if isinstance(out, Tensor) and _into_heads(state, name, args, before, after, out):
+        return
     intact = dims_in == dims_out and torch.equal(before.reshape(-1), after.reshape(-1))
     flattened = len(dims_in) == 1 and len(dims_out) == 1
     if not (intact or flattened):
@@ -684,6 +717,37 @@ def _reshaping(
         state.pin(after, f"{name} splits or merges channel dimensions")
     elif isinstance(out, Tensor) and _splits_off_one_head(name, args, out.shape, after):
         state.pin(after, f"{name} splits channels into (-1, size): heads of a fixed size")
+
+
+def _into_heads(
+    state: TraceState,
+    name: str,
+    args: tuple[Any, ...],
+    before: Tensor,
+    after: Tensor,
+    out: Tensor,
+) -> bool:
+    """``x.view(b, t, -1, head_dim)``: channels split into heads of a fixed size, with the
+    head count left to ``-1``. Whole heads can go (the ``-1`` absorbs it), single channels
+    cannot (``head_dim`` is fixed): each head becomes one channel, and the result's label
+    varies along the head dimension only, so attention can follow heads."""
+    sizes = _requested_shape(name, args)
+    varying_in = [d for d in range(before.dim()) if before.shape[d] > 1]
+    varying_out = [d for d in range(after.dim()) if after.shape[d] > 1]
+    if sizes is None or len(sizes) != out.dim() or len(varying_in) != 1:
+        return False
+    if len(varying_out) != 2 or varying_out[1] != varying_out[0] + 1:
+        return False
+    h, d = varying_out
+    if sizes[h] != -1 or sizes[d] == -1 or out.shape[h] < 2:
+        return False
+    per_head = after.movedim(h, 0).movedim(d, 1).reshape(out.shape[h], out.shape[d], -1)
+    if bool((per_head < 0).any()) or bool((per_head != per_head[:, :, :1]).any()):
+        return False
+    units = per_head[:, :, 0]
+    state.ids.join_rows(units[:, 0], units, f"{name} into heads of {out.shape[d]}")
+    state.set_label(out, after.narrow(d, 0, 1))
+    return True
 
 
 def _requested_shape(name: str, args: tuple[Any, ...]) -> list[int] | None:
