@@ -604,7 +604,7 @@ class MultiHead(nn.Module):
 @pytest.mark.parametrize("how", ["matmul", "sdpa", "sdpa-gqa"])
 def test_whole_heads_go_with_their_key_value_head_and_the_output_columns(how: str) -> None:
     model = randomize_(MultiHead(how))
-    graph, removed, pruned = prune_exactly(model, torch.randn(2, 5, 8))
+    graph, _, pruned = prune_exactly(model, torch.randn(2, 5, 8))
     group = group_with(graph, "k.weight", 0)
     assert group.size == 2 and group.num_prunable == 2  # two key/value heads
     assert {("q.weight", 0), ("v.weight", 0), ("o.weight", 1)} <= members(group)
