@@ -6,6 +6,7 @@ python benchmarks/tables.py
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -107,7 +108,62 @@ def sparse_inference() -> str:
     return "\n".join(lines)
 
 
+def shrink_accuracy() -> str:
+    """Structural pruning at equal MACs: accuracy after the same fine-tuning, mean ± sd."""
+    path = RESULTS / "shrink_accuracy.json"
+    if not path.is_file():
+        return ""
+    rows = json.loads(path.read_text())["rows"]
+    lines = [
+        "| method | accuracy after fine-tuning | before fine-tuning | MACs kept | params kept | seconds to prune |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    seeds = sorted({r["seed"] for r in rows})
+    dense = [r["dense_accuracy"] for r in rows if r["method"] == rows[0]["method"]]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == method]
+        acc = [r["accuracy"] for r in rs]
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        lines.append(
+            f"| {method} | {statistics.mean(acc):.2%} ± {sd:.2%} "
+            f"| {statistics.mean(r['accuracy_before_finetune'] for r in rs):.2%} "
+            f"| {statistics.mean(r['macs'] / r['dense_macs'] for r in rs):.3f} "
+            f"| {statistics.mean(r['params'] / r['dense_params'] for r in rs):.3f} "
+            f"| {statistics.mean(r['prune_seconds'] for r in rs):.2f} |"
+        )
+    sd = statistics.stdev(dense) if len(dense) > 1 else 0.0
+    lines.append(
+        f"| dense ({len(seeds)} seeds) | {statistics.mean(dense):.2%} ± {sd:.2%} | | 1 | 1 | |"
+    )
+    return "\n".join(lines)
+
+
+def shrink_speed() -> str:
+    """Structural pruning on random-weight models: time to prune and measured speedups."""
+    path = RESULTS / "shrink_speed.json"
+    if not path.is_file():
+        return ""
+    rows = json.loads(path.read_text())["rows"]
+    lines = [
+        "| model | MACs kept | graph (s) | shrink (s) | Torch-Pruning graph + prune (s) | batch 1 speedup | large-batch speedup | of the physical limit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        tp = r["torch_pruning_seconds"]
+        lines.append(
+            f"| {r['model']} | {r['macs'] / r['dense_macs']:.3f} | {r['graph_seconds']:.2f} "
+            f"| {r['shrink_seconds']:.2f} | {'failed' if tp is None else f'{tp:.2f}'} "
+            f"| {r['speedup_batch1']:.2f}x | {r['speedup_large_batch']:.2f}x (batch {r['large_batch']}) "
+            f"| {r['limit_fraction_large_batch']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    print(shrink_accuracy())
+    print()
+    print(shrink_speed())
+    print()
     print(finegrained())
     print()
     print(global_masks())

@@ -50,9 +50,30 @@ class Sparsity(Budget):
         return self.value
 
 
+class KeepBudget(Budget):
+    """A budget that keeps at most ``keep`` of something: a count (``int``) or a fraction of
+    the dense model's amount (``float`` in (0, 1])."""
+
+    keep: int | float
+
+    def __post_init__(self) -> None:
+        k = self.keep
+        name = type(self).__name__
+        if isinstance(k, bool) or not isinstance(k, (int, float)):
+            raise ConfigError(f"{name} keep must be an int count or a float fraction; got {k!r}")
+        if isinstance(k, float) and not 0 < k <= 1:
+            raise ConfigError(f"{name} keep as a fraction must be in (0, 1]; got {k!r}")
+        if isinstance(k, int) and k < 1:
+            raise ConfigError(f"{name} keep as a count must be >= 1; got {k!r}")
+
+    def limit(self, dense: int) -> int:
+        """The largest amount that meets the budget, for a model of ``dense``."""
+        return round(self.keep * dense) if isinstance(self.keep, float) else self.keep
+
+
 @BUDGETS.register("params")
 @dataclass
-class Params(Budget):
+class Params(KeepBudget):
     """Keep at most this many nonzero parameters in the whole model.
 
     An ``int`` is a count; a ``float`` in (0, 1] is a fraction of the model's parameters.
@@ -61,18 +82,11 @@ class Params(Budget):
 
     keep: int | float
 
-    def __post_init__(self) -> None:
-        _check_keep("Params", self.keep)
-
-    def limit(self, dense: int) -> int:
-        """The largest parameter count that meets the budget, for a model of ``dense``."""
-        return round(self.keep * dense) if isinstance(self.keep, float) else self.keep
-
     def target_sparsity(self, model: nn.Module, targets: Sequence[Target]) -> float:
         total = count_parameters(model)
         in_targets = sum(t.numel for t in targets)
         fixed = total - in_targets
-        keep = round(self.keep * total) if isinstance(self.keep, float) else self.keep
+        keep = self.limit(total)
         keep_in_targets = keep - fixed
         if keep_in_targets < 1:
             raise BudgetError(
@@ -83,18 +97,9 @@ class Params(Budget):
         return max(0.0, 1.0 - keep_in_targets / in_targets)
 
 
-def _check_keep(name: str, k: object) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, float)):
-        raise ConfigError(f"{name} keep must be an int count or a float fraction; got {k!r}")
-    if isinstance(k, float) and not 0 < k <= 1:
-        raise ConfigError(f"{name} keep as a fraction must be in (0, 1]; got {k!r}")
-    if isinstance(k, int) and k < 1:
-        raise ConfigError(f"{name} keep as a count must be >= 1; got {k!r}")
-
-
 @BUDGETS.register("macs")
 @dataclass
-class MACs(Budget):
+class MACs(KeepBudget):
     """Keep at most this many multiply-accumulates per forward pass.
 
     ``MACs(0.5)`` keeps half the MACs of the convolutions and linear layers (a ``float`` in
@@ -104,13 +109,6 @@ class MACs(Budget):
     """
 
     keep: int | float
-
-    def __post_init__(self) -> None:
-        _check_keep("MACs", self.keep)
-
-    def limit(self, dense: int) -> int:
-        """The largest MAC count that meets the budget, for a model of ``dense`` MACs."""
-        return round(self.keep * dense) if isinstance(self.keep, float) else self.keep
 
     def target_sparsity(self, model: nn.Module, targets: Sequence[Target]) -> float:
         raise ConfigError(

@@ -270,17 +270,37 @@ def _give_back(
     return removed
 
 
-def _validate(allocation: str, max_ratio: float, round_to: int | None, steps: int) -> None:
-    if allocation not in ALLOCATIONS:
-        raise ConfigError(f"allocation {allocation!r} is not allowed; use one of {ALLOCATIONS}")
-    if not 0 < max_ratio <= 1:
-        raise ConfigError(f"max_ratio must be in (0, 1]; got {max_ratio!r}")
-    if round_to is not None and (
-        isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1
-    ):
-        raise ConfigError(f"round_to must be a positive int (e.g. 8) or None; got {round_to!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"steps must be an int >= 1; got {steps!r}")
+@dataclass
+class ShrinkConfig:
+    """How channels are chosen (everything but the budget and the data).
+
+    ``criterion``: a criterion object, registry name or ``{name: ..., **options}`` (default
+    L2 group magnitude). ``allocation``: ``uniform`` or ``global``. ``max_ratio``: the most a
+    group may lose. ``round_to``: kept widths rounded up to a multiple. ``ignored_layers``:
+    module names, regexes or modules whose output channels stay. ``strict``: an op without a
+    channel rule is an error instead of keeping its channels.
+    """
+
+    criterion: Criterion | str | dict[str, Any] | None = None
+    allocation: str = "uniform"
+    max_ratio: float = 0.9
+    round_to: int | None = None
+    ignored_layers: Sequence[str | nn.Module] = ()
+    calibration_batches: int = 8
+    seed: int = 0
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(
+                f"allocation {self.allocation!r} is not allowed; use one of {ALLOCATIONS}"
+            )
+        if not 0 < self.max_ratio <= 1:
+            raise ConfigError(f"max_ratio must be in (0, 1]; got {self.max_ratio!r}")
+        r = self.round_to
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+            raise ConfigError(f"round_to must be a positive int (e.g. 8) or None; got {r!r}")
+        self.criterion_ = _criterion(self.criterion)
 
 
 def _step_budget(
@@ -304,16 +324,9 @@ def plan_shrink(
     model: nn.Module,
     example_inputs: Inputs,
     budget: BudgetSpec,
-    criterion: Criterion | str | dict[str, Any] | None = None,
-    allocation: str = "uniform",
-    max_ratio: float = 0.9,
-    round_to: int | None = None,
-    ignored_layers: Sequence[str | nn.Module] = (),
+    config: ShrinkConfig | None = None,
     data: Iterable[Any] | None = None,
     loss_fn: LossFn | None = None,
-    calibration_batches: int = 8,
-    seed: int = 0,
-    strict: bool = False,
     graph: ChannelGraph | None = None,
 ) -> tuple[ChannelPlan, ChannelGraph, dict[int, Tensor]]:
     """Decide which channels to remove (without removing them): plan, graph and masks.
@@ -322,20 +335,22 @@ def plan_shrink(
     weights of ``model`` in place, so call this on the copy you will prune. ``graph``: the
     model's graph when it is already built (it is traced otherwise).
     """
-    _validate(allocation, max_ratio, round_to, 1)
-    crit = _criterion(criterion)
+    cfg = config or ShrinkConfig()
+    crit = cfg.criterion_
     budget = _budget(budget)
-    ignored = _ignored(model, ignored_layers)
-    graph = graph or build_graph(model, example_inputs, strict=strict)
+    ignored = _ignored(model, cfg.ignored_layers)
+    graph = graph or build_graph(model, example_inputs, strict=cfg.strict)
     if not graph.prunable_groups:
         raise ConfigError(
             f"{type(model).__name__} has no removable channels: every channel is pinned "
             f"({_pinned_summary(graph)})"
         )
-    ctx = ChannelContext(model, graph, example_inputs, data, loss_fn, calibration_batches, seed)
+    ctx = ChannelContext(
+        model, graph, example_inputs, data, loss_fn, cfg.calibration_batches, cfg.seed
+    )
     scores = channel_scores(crit, ctx)
-    cands = _candidates(graph, scores, ignored, max_ratio)
-    removed = _search(cands, budget, graph, allocation, round_to)
+    cands = _candidates(graph, scores, ignored, cfg.max_ratio)
+    removed = _search(cands, budget, graph, cfg.allocation, cfg.round_to)
     if isinstance(crit, ChannelCriterion) and removed:
         crit.refit(ctx, removed)
     return plan_from_removed(graph, removed), graph, removed
@@ -376,11 +391,14 @@ def shrink(
     result is ``(model, ShrinkReport)``; the report's plan replays the surgery on a fresh
     instance of the original class (:func:`secateurs.graph.apply_plan_`).
     """
-    _validate(allocation, max_ratio, round_to, steps)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be an int >= 1; got {steps!r}")
     budget = _budget(budget)
-    _criterion(criterion)
     # module objects only identify layers of `model`, not of its copy: use exact names
     ignored_names = [re.escape(n) for n in sorted(_ignored(model, ignored_layers))]
+    config = ShrinkConfig(
+        criterion, allocation, max_ratio, round_to, ignored_names, calibration_batches, seed, strict
+    )
     start = time.perf_counter()
     small = copy.deepcopy(model)
     graph0 = build_graph(small, example_inputs, strict=strict)
@@ -392,16 +410,9 @@ def shrink(
             small,
             example_inputs,
             _step_budget(budget, step, steps, graph0),
-            criterion,
-            allocation,
-            max_ratio,
-            round_to,
-            ignored_names,
+            config,
             data,
             loss_fn,
-            calibration_batches,
-            seed,
-            strict,
             graph0 if step == 1 else None,
         )
         apply_plan_(small, step_plan)
