@@ -369,13 +369,21 @@ def _multi_head_attention(
 ) -> None:
     """``nn.MultiheadAttention``: its embedding size and head count are plain numbers
     (``embed_dim``, ``num_heads``) that surgery cannot change, so every channel that reaches
-    it, and its own projections, stay."""
+    it, and its own projections, stay. The projections' MACs still count: every query token
+    meets every input-projection and output-projection weight once (self-attention)."""
     for t in _tensors_in((args, kwargs)):
         if id(t) in state.refs and t.dim() >= 1:
             for d in range(t.dim()):
                 state.pin(state.dim_ids_of(t, d), f"{name} has a fixed embedding size")
         elif state.has_label(t):
             state.pin(state.label(t), f"{name} has a fixed embedding size")
+    query, embed = args[0], int(_arg(args, kwargs, 3, "embed_dim_to_check"))
+    tokens = query.numel() // max(embed, 1)
+    for i, key in ((5, "in_proj_weight"), (11, "out_proj_weight")):
+        w = _arg(args, kwargs, i, key)
+        ref = state.refs.get(id(w)) if isinstance(w, Tensor) else None
+        if ref is not None:
+            state.weight_uses.append(WeightUse(ref, tokens))
 
 
 @rule("embedding")
