@@ -127,14 +127,16 @@ def accuracy_part(args: argparse.Namespace) -> list[dict[str, Any]]:
     bundle = load_fashion_mnist()
     if args.quick:
         bundle = bundle.subset(2048, 1024)
+    elif args.train_limit:
+        bundle = bundle.subset(args.train_limit, len(bundle.test))
     example = torch.zeros(1, 1, 28, 28)
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         loaders = bundle.loaders(128, seed=seed)
         dense = (
-            dense_model(args.model, seed, args.dense_epochs, loaders)
-            if not args.quick
-            else _quick_dense(args.model, seed, loaders)
+            _quick_dense(args.model, seed, loaders, 1 if args.quick else args.dense_epochs)
+            if args.quick or args.train_limit
+            else dense_model(args.model, seed, args.dense_epochs, loaders)
         )
         dense.eval()
         dense_acc = evaluate(dense, loaders[1]).accuracy
@@ -169,9 +171,10 @@ def accuracy_part(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def _quick_dense(name: str, seed: int, loaders: Any) -> nn.Module:
+def _quick_dense(name: str, seed: int, loaders: Any, epochs: int) -> nn.Module:
+    """A dense model trained on a subset (not cached: the cache holds full-data models)."""
     model = build_model(name, seed=seed)
-    train(model, loaders[0], TrainConfig(epochs=1, lr=TRAIN_LR, seed=seed))
+    train(model, loaders[0], TrainConfig(epochs=epochs, lr=TRAIN_LR, seed=seed))
     return model
 
 
@@ -310,6 +313,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="1 seed, data subsets, 1 round")
+    parser.add_argument(
+        "--train-limit", type=int, default=None, help="train on the first N examples only"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.quick:

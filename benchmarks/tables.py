@@ -110,10 +110,11 @@ def sparse_inference() -> str:
 
 def shrink_accuracy() -> str:
     """Structural pruning at equal MACs: accuracy after the same fine-tuning, mean ± sd."""
-    path = RESULTS / "shrink_accuracy.json"
-    if not path.is_file():
+    rows = []
+    for path in sorted(RESULTS.glob("shrink_accuracy*.json")):  # one file per seed, or one
+        rows += json.loads(path.read_text())["rows"]
+    if not rows:
         return ""
-    rows = json.loads(path.read_text())["rows"]
     lines = [
         "| method | accuracy after fine-tuning | before fine-tuning | MACs kept | params kept | seconds to prune |",
         "|---|---:|---:|---:|---:|---:|",
@@ -140,10 +141,14 @@ def shrink_accuracy() -> str:
 
 def shrink_speed() -> str:
     """Structural pruning on random-weight models: time to prune and measured speedups."""
-    path = RESULTS / "shrink_speed.json"
-    if not path.is_file():
+    by_model: dict[str, dict] = {}
+    for name in ("shrink_speed.json", "shrink_speed_rerun.json"):  # a rerun replaces a model
+        path = RESULTS / name
+        if path.is_file():
+            by_model.update({r["model"]: r for r in json.loads(path.read_text())["rows"]})
+    rows = list(by_model.values())
+    if not rows:
         return ""
-    rows = json.loads(path.read_text())["rows"]
     lines = [
         "| model | MACs kept | graph (s) | shrink (s) | Torch-Pruning graph + prune (s) | batch 1 speedup | large-batch speedup | of the physical limit |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -159,6 +164,81 @@ def shrink_speed() -> str:
     return "\n".join(lines)
 
 
+def structural() -> str:
+    """shrink against Torch-Pruning: accuracy at the same MACs budget, then speed per model."""
+    out = []
+    for path in sorted(RESULTS.glob("structural*.json")):
+        if path.stem in ("structural_speed", "structural_quick"):
+            continue
+        data = json.loads(path.read_text())
+        summary = data.get("summary")
+        if not summary:
+            continue
+        first = next(r for r in data["rows"] if "accuracy" in r)
+        d = summary["dense_accuracy"]
+        out += [
+            f"{first['model']} on Fashion-MNIST, {d['n']} seeds (mean ± sd), "
+            f"{first['finetune_epochs']} epochs of fine-tuning at lr {first['finetune_lr']:g}; "
+            f"dense {d['mean']:.2%} ± {d['std']:.2%}, {first['dense_macs'] / 1e6:.1f}M MACs",
+            "",
+            "| method | MACs kept | params kept | prune (s) | before fine-tuning "
+            "| after fine-tuning | vs dense |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for method, v in summary["methods"].items():
+            a = v["accuracy"]
+            out.append(
+                f"| {method} | {v['macs_ratio']['mean']:.3f} | {v['params_ratio']['mean']:.3f} "
+                f"| {v['prune_seconds']['mean']:.2f} | {v['accuracy_before_finetune']['mean']:.2%} "
+                f"| {a['mean']:.2%} ± {a['std']:.2%} | {(a['mean'] - d['mean']) * 100:+.2f} pt |"
+            )
+        out.append("")
+    path = RESULTS / "structural_speed.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        rows = data["speed_rows"]
+        out += [
+            f"CPU latency, {data['threads']} thread(s), median of interleaved rounds; "
+            "x the limit = speedup / MACs reduction",
+            "",
+            "| model | pruned by | MACs kept | graph (s) | prune (s) | batch 1 (ms) | speedup "
+            "| large batch (ms) | speedup | x the limit |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            big = str(r["large_batch"])
+            lat, sec = r["latency_ms"], r["seconds"]
+            out.append(
+                f"| {r['model']} | dense | 1.000 | | | {lat['1']['dense']['median_ms']:.1f} | "
+                f"| {lat[big]['dense']['median_ms']:.1f} (batch {big}) | | |"
+            )
+            for key, label in (
+                ("secateurs", "secateurs"),
+                ("torch_pruning", "Torch-Pruning"),
+                ("reference", r.get("reference", {}).get("label", "")),
+            ):
+                sp = r["speedups"].get(key)
+                if sp is None:
+                    if key == "torch_pruning" and "error" in r.get(key, {}):
+                        out.append(f"| {r['model']} | {label} | failed | | | | | | | |")
+                    continue
+                timing = {"secateurs": "secateurs", "torch_pruning": "torch_pruning"}.get(key)
+                graph = sec.get(f"{timing} graph") if timing else None
+                prune = sec.get(f"{timing} prune") if timing else None
+                out.append(
+                    f"| {r['model']} | {label} | {1 / sp['macs_reduction']:.3f} "
+                    f"| {'' if graph is None else f'{graph:.3f}'} "
+                    f"| {'' if prune is None else f'{prune:.3f}'} "
+                    f"| {lat['1'][key]['median_ms']:.1f} | {sp['speedup_batch1']:.2f}x "
+                    f"| {lat[big][key]['median_ms']:.1f} | {sp[f'speedup_batch{big}']:.2f}x "
+                    f"| {sp[f'limit_fraction_batch{big}']:.2f} |"
+                )
+        notes = [f"{r['model']}: {r['budget_error']}" for r in rows if "budget_error" in r]
+        if notes:
+            out += ["", *(f"* {n}" for n in notes)]
+    return "\n".join(out).rstrip()
+
+
 if __name__ == "__main__":
     print(shrink_accuracy())
     print()
@@ -171,3 +251,5 @@ if __name__ == "__main__":
     print(deep_compression())
     print()
     print(sparse_inference())
+    print()
+    print(structural())
