@@ -401,6 +401,7 @@ REGISTRIES: dict[str, Registry[Any]] = {
     "allocation": sc.ALLOCATIONS,
     "schedule": sc.SCHEDULES,
     "budget": sc.BUDGETS,
+    "search": sc.SEARCHES,
 }
 
 #: Options for every registered name: a new name without an entry here fails the suite.
@@ -435,10 +436,19 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "sparsity": {"value": 0.5},
     "params": {"keep": 10},
     "macs": {"keep": 0.5},
+    "bytes": {"keep": 0.25},
+    "latency": {"keep": 0.5},
+    "sensitivity": {"ratios": [0.0, 0.25, 0.5], "workers": 2},
 }
 
 #: Names whose class has required options (no sensible default).
-REQUIRED = {"sparsity": "value", "params": "keep", "macs": "keep"}
+REQUIRED = {
+    "sparsity": "value",
+    "params": "keep",
+    "macs": "keep",
+    "bytes": "keep",
+    "latency": "keep",
+}
 
 ALL_NAMES = [(axis, name) for axis, reg in REGISTRIES.items() for name in reg.names()]
 
@@ -470,7 +480,8 @@ def test_every_registered_name_has_test_options() -> None:
             "dsd",
             "iht",
         },
-        "budget": {"sparsity", "params", "macs"},
+        "budget": {"sparsity", "params", "macs", "bytes", "latency"},
+        "search": {"sensitivity"},
     }
     for axis, names in expected_axes.items():
         assert names <= set(REGISTRIES[axis].names()), axis

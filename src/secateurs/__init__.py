@@ -9,7 +9,8 @@ The public surface, re-exported here; everything else is internal::
 """
 
 from secateurs.allocation import ALLOCATIONS, ERK, LAMP, Allocation, Global, LayerMap, Uniform
-from secateurs.budgets import BUDGETS, Budget, MACs, Params, Sparsity
+from secateurs.allocation.search import SEARCHES, SearchResult, search_allocation
+from secateurs.budgets import BUDGETS, Budget, Bytes, Latency, MACs, Params, Sparsity
 from secateurs.compress import (
     CompressConfig,
     inspect_compressed,
@@ -72,6 +73,7 @@ __all__ = [
     "NM",
     "OBD",
     "SCHEDULES",
+    "SEARCHES",
     "SET",
     "STRUCTURES",
     "APoZ",
@@ -80,6 +82,7 @@ __all__ = [
     "Blocks",
     "Budget",
     "BudgetError",
+    "Bytes",
     "ChannelGraph",
     "ChannelPlan",
     "Channels",
@@ -92,6 +95,7 @@ __all__ = [
     "Global",
     "Gradual",
     "Iterative",
+    "Latency",
     "LayerMap",
     "Lottery",
     "MACs",
@@ -105,6 +109,7 @@ __all__ = [
     "Regression",
     "RigL",
     "Schedule",
+    "SearchResult",
     "SecateursError",
     "ShrinkReport",
     "Sparsity",
@@ -129,6 +134,7 @@ __all__ = [
     "make_permanent_",
     "prune_",
     "save_compressed",
+    "search_allocation",
     "share_weights_",
     "shrink",
     "summary",

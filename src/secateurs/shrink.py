@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from secateurs.budgets import BUDGETS, Budget, MACs, Params, Sparsity
+from secateurs.allocation.base import check_sparsity
+from secateurs.budgets import BUDGETS, Budget, Bytes, Latency, MACs, Params, Sparsity
 from secateurs.calibration import LossFn
 from secateurs.criteria import CRITERIA, Criterion, Magnitude
 from secateurs.errors import BudgetError, ConfigError, SecateursError
@@ -38,7 +39,7 @@ from secateurs.graph.importance import ChannelContext, ChannelCriterion, channel
 from secateurs.graph.surgery import ChannelPlan, apply_plan_, check_forward, plan_from_removed
 from secateurs.metrics import Inputs, run_example
 
-StructuralBudget = Sparsity | Params | MACs
+StructuralBudget = Sparsity | Params | MACs | Bytes | Latency
 ALLOCATIONS = ("uniform", "global")
 SEARCH_STEPS = 30
 
@@ -92,11 +93,11 @@ BudgetSpec = Budget | str | Mapping[str, Any]
 def _budget(budget: BudgetSpec) -> StructuralBudget:
     if isinstance(budget, (str, Mapping)):
         budget = BUDGETS.build(budget)
-    if isinstance(budget, (Sparsity, Params, MACs)):
+    if isinstance(budget, (Sparsity, Params, MACs, Bytes, Latency)):
         return budget
     raise ConfigError(
-        f"budget must be sc.Sparsity(fraction of channels to remove), sc.Params(keep) or "
-        f"sc.MACs(keep); got {budget!r}"
+        f"budget must be sc.Sparsity(fraction of channels to remove), sc.Params(keep), "
+        f"sc.MACs(keep), sc.Bytes(keep) or sc.Latency(keep); got {budget!r}"
     )
 
 
@@ -165,14 +166,48 @@ def _candidates(
     return out
 
 
+def _map_ratio(name: str, ratios: Mapping[str, float]) -> float:
+    """The fraction of group ``name`` to remove: its entry, else the first regex matching it."""
+    if name in ratios:
+        return ratios[name]
+    for pattern, ratio in ratios.items():
+        if re.fullmatch(pattern, name):
+            return ratio
+    return 0.0
+
+
+def check_ratio_map(ratios: Mapping[str, float], names: Sequence[str]) -> None:
+    """Every key names a group (exactly or as a regex) and every ratio is in [0, 1)."""
+    for key, value in ratios.items():
+        check_sparsity(value, f"the ratio of {key!r}")
+        try:
+            hit = key in names or any(re.fullmatch(key, n) for n in names)
+        except re.error as exc:
+            raise ConfigError(f"ratio map key {key!r} is not a valid regex: {exc}") from None
+        if not hit:
+            sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ConfigError(
+                f"ratio map key {key!r} names no removable channel group; groups are named by "
+                f"the layer that produces them: {sample}"
+            )
+
+
 def _removal(
-    cands: list[_Candidates], amount: float, allocation: str, round_to: int | None
+    cands: list[_Candidates],
+    amount: float,
+    allocation: str | Mapping[str, float],
+    round_to: int | None,
 ) -> dict[int, Tensor]:
-    """Channels to remove for ``amount`` in [0, 1] of the removable ones."""
+    """Channels to remove for ``amount`` in [0, 1] of the removable ones, or, when
+    ``allocation`` is a ratio map (group name or regex -> fraction removed), for that map."""
     counts: dict[int, int] = {}
     if not cands:
         return {}
-    if allocation == "uniform":
+    if isinstance(allocation, Mapping):
+        for c in cands:
+            ratio = _map_ratio(c.group.name, allocation)
+            counts[c.group.index] = math.floor(ratio * c.group.size + 1e-9)
+    elif allocation == "uniform":
         for c in cands:
             counts[c.group.index] = math.floor(amount * c.group.size + 1e-9)
     else:
@@ -196,14 +231,40 @@ def _removal(
     return removed
 
 
-def _measure(
-    budget: StructuralBudget, graph: ChannelGraph
-) -> tuple[Callable[[dict[int, Tensor]], float], float, str]:
-    """``(value of a removal, the largest allowed value, unit)`` for ``budget``."""
-    if isinstance(budget, MACs):
-        return (lambda r: float(graph.macs(r))), float(budget.limit(graph.macs())), "MACs"
-    if isinstance(budget, Params):
-        return (lambda r: float(graph.params(r))), float(budget.limit(graph.params())), "parameters"
+Measure = Callable[[dict[int, Tensor]], float]
+
+
+def channel_measure(
+    budget: StructuralBudget,
+    graph: ChannelGraph,
+    model: nn.Module,
+    example_inputs: Inputs,
+) -> tuple[Measure, float, str]:
+    """``(value of a removal, the largest allowed value, unit)`` for ``budget``.
+
+    Counted from the graph without running the model, except latency, which a per-layer
+    look-up table measured once (and cached) predicts.
+    """
+    return _MEASURES[type(budget)](budget, graph, model, example_inputs)
+
+
+def _macs(budget: Any, graph: ChannelGraph, *_: Any) -> tuple[Measure, float, str]:
+    return (lambda r: float(graph.macs(r))), float(budget.limit(graph.macs())), "MACs"
+
+
+def _params(budget: Any, graph: ChannelGraph, *_: Any) -> tuple[Measure, float, str]:
+    return (lambda r: float(graph.params(r))), float(budget.limit(graph.params())), "parameters"
+
+
+def _bytes(
+    budget: Any, graph: ChannelGraph, model: nn.Module, _: Any
+) -> tuple[Measure, float, str]:
+    item = max((p.element_size() for p in model.parameters()), default=4)
+    dense = graph.params() * item
+    return (lambda r: float(graph.params(r) * item)), float(budget.limit(dense)), "bytes"
+
+
+def _channels(budget: Any, graph: ChannelGraph, *_: Any) -> tuple[Measure, float, str]:
     total = sum(g.num_prunable for g in graph.prunable_groups)
 
     def kept_channels(r: dict[int, Tensor]) -> float:
@@ -212,14 +273,43 @@ def _measure(
     return kept_channels, (1.0 - budget.value) * total, "prunable channels"
 
 
+def _latency(
+    budget: Any, graph: ChannelGraph, model: nn.Module, example_inputs: Inputs
+) -> tuple[Measure, float, str]:
+    from secateurs.allocation.latency_table import LatencyTable
+
+    table = LatencyTable.build(model, example_inputs, graph)
+    dense = table.estimate(graph.shapes_after())
+    limit = budget.keep * dense if isinstance(budget.keep, float) else budget.keep / 1000.0
+    return (lambda r: table.estimate(graph.shapes_after(r))), limit, "ms (predicted)"
+
+
+_MEASURES: dict[type, Callable[..., tuple[Measure, float, str]]] = {
+    MACs: _macs,
+    Params: _params,
+    Bytes: _bytes,
+    Sparsity: _channels,
+    Latency: _latency,
+}
+
+
 def _search(
     cands: list[_Candidates],
-    budget: StructuralBudget,
-    graph: ChannelGraph,
-    allocation: str,
+    measure: tuple[Measure, float, str],
+    allocation: str | Mapping[str, float],
     round_to: int | None,
 ) -> dict[int, Tensor]:
-    value, limit, unit = _measure(budget, graph)
+    value, limit, unit = measure
+    if isinstance(allocation, Mapping):
+        # a ratio map found by a search (or written by hand) is taken as it is; the budget
+        # must hold, since nothing is searched
+        removed = _removal(cands, 1.0, allocation, round_to)
+        if value(removed) > limit:
+            raise BudgetError(
+                f"the ratio map leaves {value(removed):,.0f} {unit}, above the budget's "
+                f"{limit:,.0f}; raise its ratios or the budget"
+            )
+        return removed
     full = _removal(cands, 1.0, allocation, round_to)
     if value(full) > limit:
         raise BudgetError(
@@ -275,14 +365,16 @@ class ShrinkConfig:
     """How channels are chosen (everything but the budget and the data).
 
     ``criterion``: a criterion object, registry name or ``{name: ..., **options}`` (default
-    L2 group magnitude). ``allocation``: ``uniform`` or ``global``. ``max_ratio``: the most a
+    L2 group magnitude). ``allocation``: ``uniform``, ``global`` or a ratio map ``{group name
+    or regex: fraction of its channels to remove}`` (what :func:`secateurs.search_allocation`
+    finds; groups are named by the layer producing them). ``max_ratio``: the most a
     group may lose. ``round_to``: kept widths rounded up to a multiple. ``ignored_layers``:
     module names, regexes or modules whose output channels stay. ``strict``: an op without a
     channel rule is an error instead of keeping its channels.
     """
 
     criterion: Criterion | str | dict[str, Any] | None = None
-    allocation: str = "uniform"
+    allocation: str | Mapping[str, float] = "uniform"
     max_ratio: float = 0.9
     round_to: int | None = None
     ignored_layers: Sequence[str | nn.Module] = ()
@@ -291,9 +383,11 @@ class ShrinkConfig:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        if self.allocation not in ALLOCATIONS:
+        if not isinstance(self.allocation, Mapping) and self.allocation not in ALLOCATIONS:
             raise ConfigError(
-                f"allocation {self.allocation!r} is not allowed; use one of {ALLOCATIONS}"
+                f"allocation {self.allocation!r} is not allowed; use one of {ALLOCATIONS} or a "
+                "ratio map {group name: fraction removed} (sc.search_allocation finds one by "
+                "sensitivity analysis, AMC or NetAdapt)"
             )
         if not 0 < self.max_ratio <= 1:
             raise ConfigError(f"max_ratio must be in (0, 1]; got {self.max_ratio!r}")
@@ -304,9 +398,13 @@ class ShrinkConfig:
 
 
 def _step_budget(
-    budget: StructuralBudget, step: int, steps: int, graph0: ChannelGraph
+    budget: StructuralBudget,
+    step: int,
+    steps: int,
+    measure0: tuple[Measure, float, str],
 ) -> StructuralBudget:
-    """The budget after ``step`` of ``steps`` equal cuts (counts taken on the original model)."""
+    """The budget after ``step`` of ``steps`` equal cuts (amounts taken on the original model,
+    as counts, so that each step's budget means the same on the smaller model)."""
     if steps == 1:
         return budget
     frac = step / steps
@@ -314,10 +412,12 @@ def _step_budget(
         # each step removes an equal share of the original channels from what is left
         share = budget.value / steps
         return Sparsity(min(share / (1.0 - share * (step - 1)), 0.999))
-    total = graph0.macs() if isinstance(budget, MACs) else graph0.params()
-    limit = budget.limit(total)
-    keep = max(1, round(total - (total - limit) * frac))
-    return MACs(keep) if isinstance(budget, MACs) else Params(keep)
+    value, limit, _ = measure0
+    total = value({})
+    keep = total - (total - limit) * frac
+    if isinstance(budget, Latency):
+        return Latency(max(1, round(keep * 1000.0)))  # ms -> the int form, microseconds
+    return type(budget)(max(1, round(keep)))
 
 
 def plan_shrink(
@@ -336,24 +436,39 @@ def plan_shrink(
     model's graph when it is already built (it is traced otherwise).
     """
     cfg = config or ShrinkConfig()
-    crit = cfg.criterion_
     budget = _budget(budget)
-    ignored = _ignored(model, cfg.ignored_layers)
-    graph = graph or build_graph(model, example_inputs, strict=cfg.strict)
+    graph, cands, ctx = channel_candidates(model, example_inputs, cfg, data, loss_fn, graph)
+    measure = channel_measure(budget, graph, model, example_inputs)
+    removed = _search(cands, measure, cfg.allocation, cfg.round_to)
+    if isinstance(cfg.criterion_, ChannelCriterion) and removed:
+        cfg.criterion_.refit(ctx, removed)
+    return plan_from_removed(graph, removed), graph, removed
+
+
+def channel_candidates(
+    model: nn.Module,
+    example_inputs: Inputs,
+    config: ShrinkConfig,
+    data: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+    graph: ChannelGraph | None = None,
+) -> tuple[ChannelGraph, list[_Candidates], ChannelContext]:
+    """The graph, and the removable channels of each group in the order they would go."""
+    ignored = _ignored(model, config.ignored_layers)
+    graph = graph or build_graph(model, example_inputs, strict=config.strict)
     if not graph.prunable_groups:
         raise ConfigError(
             f"{type(model).__name__} has no removable channels: every channel is pinned "
             f"({_pinned_summary(graph)})"
         )
     ctx = ChannelContext(
-        model, graph, example_inputs, data, loss_fn, cfg.calibration_batches, cfg.seed
+        model, graph, example_inputs, data, loss_fn, config.calibration_batches, config.seed
     )
-    scores = channel_scores(crit, ctx)
-    cands = _candidates(graph, scores, ignored, cfg.max_ratio)
-    removed = _search(cands, budget, graph, cfg.allocation, cfg.round_to)
-    if isinstance(crit, ChannelCriterion) and removed:
-        crit.refit(ctx, removed)
-    return plan_from_removed(graph, removed), graph, removed
+    scores = channel_scores(config.criterion_, ctx)
+    cands = _candidates(graph, scores, ignored, config.max_ratio)
+    if isinstance(config.allocation, Mapping):
+        check_ratio_map(config.allocation, [c.group.name for c in cands])
+    return graph, cands, ctx
 
 
 def _pinned_summary(graph: ChannelGraph) -> str:
@@ -366,7 +481,7 @@ def shrink(
     example_inputs: Inputs,
     budget: BudgetSpec,
     criterion: Criterion | str | dict[str, Any] | None = None,
-    allocation: str = "uniform",
+    allocation: str | Mapping[str, float] = "uniform",
     max_ratio: float = 0.9,
     round_to: int | None = None,
     ignored_layers: Sequence[str | nn.Module] = (),
@@ -382,7 +497,10 @@ def shrink(
     """Remove channels from a copy of ``model`` until ``budget`` is met; return the copy.
 
     ``budget``: ``sc.MACs(0.5)`` keeps half the MACs, ``sc.Params(0.6)`` 60% of the
-    parameters, ``sc.Sparsity(0.3)`` removes 30% of the removable channels. ``criterion``:
+    parameters, ``sc.Sparsity(0.3)`` removes 30% of the removable channels, ``sc.Bytes`` and
+    ``sc.Latency`` bound the stored bytes and the latency measured on this machine (predicted
+    by a per-layer look-up table). ``allocation``: ``"uniform"``, ``"global"`` or a ratio map
+    from :func:`secateurs.search_allocation` (applied as it is, in one step). ``criterion``:
     any registered criterion (default L2 group magnitude); data-driven ones need ``data``
     (batches of ``(inputs, labels)``) and, for gradients, ``loss_fn``. ``ignored_layers``:
     module names, regexes or modules whose output channels stay. Operations secateurs has no
@@ -393,6 +511,8 @@ def shrink(
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"steps must be an int >= 1; got {steps!r}")
+    if isinstance(allocation, Mapping) and steps > 1:
+        raise ConfigError("a ratio map is applied in one step: use steps=1 with it")
     budget = _budget(budget)
     # module objects only identify layers of `model`, not of its copy: use exact names
     ignored_names = [re.escape(n) for n in sorted(_ignored(model, ignored_layers))]
@@ -403,13 +523,14 @@ def shrink(
     small = copy.deepcopy(model)
     graph0 = build_graph(small, example_inputs, strict=strict)
     shapes = {ref.qualname: s for ref, s in graph0.shapes.items()}
+    measure0 = channel_measure(budget, graph0, small, example_inputs) if steps > 1 else None
     plan = ChannelPlan()
     last_graph, removed = graph0, dict[int, Tensor]()
     for step in range(1, steps + 1):
         step_plan, last_graph, removed = plan_shrink(
             small,
             example_inputs,
-            _step_budget(budget, step, steps, graph0),
+            _step_budget(budget, step, steps, measure0) if measure0 else budget,
             config,
             data,
             loss_fn,

@@ -144,8 +144,8 @@ class ChannelGraph:
             [i for ref, i in self._tensor_rows.items() if ref.is_parameter], dtype=torch.long
         )
 
-    def _elements_after(self, removed: dict[int, Tensor] | None) -> Tensor:
-        """Elements of every traced tensor after removing ``removed`` (float64, by row).
+    def _dims_after(self, removed: dict[int, Tensor] | None) -> Tensor:
+        """Every traced tensor's dimension sizes after removing ``removed`` (float64, by row).
 
         A position belongs to one group only, so the groups' counts add up: one weighted
         scatter-add over (tensor dimension, channel, positions) entries, no position lists.
@@ -159,7 +159,21 @@ class ChannelGraph:
                 off = self._offsets[gi]
                 vec[off : off + mask.numel()] = mask.to(torch.float64)
             lost.index_add_(0, self._count_rows, self._count_vals * vec[self._count_cols])
-        return (self._dim_sizes - lost[self._dim_keys]).prod(dim=1)
+        return self._dim_sizes - lost[self._dim_keys]
+
+    def _elements_after(self, removed: dict[int, Tensor] | None) -> Tensor:
+        """Elements of every traced tensor after removing ``removed`` (float64, by row)."""
+        return self._dims_after(removed).prod(dim=1)
+
+    def shapes_after(
+        self, removed: dict[int, Tensor] | None = None
+    ) -> dict[TensorRef, tuple[int, ...]]:
+        """The shape of every traced tensor after removing ``removed`` (no surgery needed)."""
+        sizes = self._dims_after(removed).round().long()
+        return {
+            ref: tuple(int(v) for v in sizes[i, : len(self.shapes[ref])])
+            for ref, i in self._tensor_rows.items()
+        }
 
     def macs(self, removed: dict[int, Tensor] | None = None) -> int:
         """MACs of the convolutions and linear layers after removing ``removed``."""

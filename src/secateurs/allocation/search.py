@@ -1,0 +1,229 @@
+"""Automatic per-layer ratios: searches that turn a budget into a ratio map.
+
+Layers differ in how much they can lose, and hand-tuned ratios do not transfer. A search
+(:class:`AllocationSearch`, registered in :data:`SEARCHES`: ``sensitivity``, ``amc``,
+``netadapt``) walks a :class:`~secateurs.allocation.space.LayerSpace` and returns a
+:class:`SearchResult` whose ``ratios`` feed the usual pruning: a
+:class:`~secateurs.LayerMap` for masks, ``allocation=`` of :func:`secateurs.shrink` for
+channels. :func:`search_allocation` is the one entry point.
+
+Every search is guarded the same way: the evaluation must return a finite number (else a
+:class:`~secateurs.ModelError`), the calibration split must not be empty, and whatever goes
+wrong, the model's parameters and buffers are put back as they were before the search.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import nn
+
+from secateurs.allocation.space import ChannelSpace, ElementSpace, LayerSpace, RatioMap
+from secateurs.budgets import BUDGETS, Budget
+from secateurs.errors import ConfigError, DataError, ModelError, SecateursError
+from secateurs.metrics import Inputs, evaluate
+from secateurs.registry import Registry
+
+if TYPE_CHECKING:
+    from secateurs.calibration import LossFn
+
+#: ``evaluate(model) -> score``, higher is better (accuracy, or minus the loss).
+Evaluator = Callable[[nn.Module], float]
+#: ``finetune(model, steps)``: train a (pruned) model in place for a short while.
+Finetuner = Callable[[nn.Module, int], None]
+#: ``progress(message)``: one line per episode / iteration.
+Progress = Callable[[str], None]
+
+SEARCHES: Registry[AllocationSearch] = Registry("allocation search")
+
+
+@dataclass
+class SearchResult:
+    """What a search found: a ratio map that meets the budget, and how it got there.
+
+    ``ratios``: layer name -> fraction removed. ``value``/``limit``: the budget's quantity for
+    the map and the most allowed (``unit`` says what it counts). ``score``: the evaluation of
+    the pruned model without fine-tuning (when the search measured it). ``history``: what the
+    search recorded per step (curves, episodes, iterations), JSON-ready. ``model``: a pruned,
+    fine-tuned model when the search produces one (NetAdapt), else None.
+    """
+
+    method: str
+    ratios: RatioMap
+    value: float
+    limit: float
+    unit: str
+    score: float | None = None
+    seconds: float = 0.0
+    evaluations: int = 0
+    history: dict[str, Any] = field(default_factory=dict)
+    model: nn.Module | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON form (without the model)."""
+        return {
+            "method": self.method,
+            "ratios": self.ratios,
+            "value": self.value,
+            "limit": self.limit,
+            "unit": self.unit,
+            "score": self.score,
+            "seconds": self.seconds,
+            "evaluations": self.evaluations,
+            "history": self.history,
+        }
+
+
+@dataclass
+class SearchContext:
+    """What a search may use besides the space and the budget."""
+
+    evaluate: Evaluator  #: checked: raises ModelError on a non-finite score
+    finetune: Finetuner | None = None
+    progress: Progress | None = None
+    seed: int = 0
+    evaluations: int = 0
+
+    def score(self, model: nn.Module) -> float:
+        """Evaluate ``model``, counting the call; a failure or NaN is a clear error."""
+        self.evaluations += 1
+        try:
+            value = self.evaluate(model)
+        except SecateursError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"the evaluation function raised {type(exc).__name__}: {exc}") from exc
+        return self.check(value)
+
+    @staticmethod
+    def check(value: object) -> float:
+        """``value`` as a float, if it is a finite number (what an evaluation must return)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ModelError(f"the evaluation function must return a number; got {value!r}")
+        if not math.isfinite(value):
+            raise ModelError(
+                f"the evaluation function returned {value}; it must be a finite score (higher "
+                "is better). Check the model's outputs on the calibration split"
+            )
+        return float(value)
+
+    def say(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
+
+
+class AllocationSearch(ABC):
+    """Base class: find a ratio map on ``space`` that meets ``budget``."""
+
+    registry_name: ClassVar[str]
+    #: True when the search fine-tunes (it then needs ``finetune=``)
+    needs_finetune: ClassVar[bool] = False
+
+    @abstractmethod
+    def search(self, space: LayerSpace, budget: Budget, ctx: SearchContext) -> SearchResult:
+        """Search; ``space.check(budget)`` has passed; leave the model as it was."""
+
+
+def accuracy_evaluator(
+    data: Iterable[Any],
+    metric: str = "accuracy",
+    batches: int | None = None,
+    loss_fn: LossFn | None = None,
+) -> Evaluator:
+    """An evaluator over a held-out calibration split of ``(inputs, labels)`` batches.
+
+    ``metric``: ``accuracy`` (top-1) or ``loss`` (the score is minus the mean loss, so higher
+    stays better). The first ``batches`` batches (all by default) are kept in memory once, so
+    every evaluation sees the same examples.
+    """
+    if metric not in ("accuracy", "loss"):
+        raise ConfigError(f"metric must be 'accuracy' or 'loss'; got {metric!r}")
+    kept = []
+    for i, batch in enumerate(data):
+        if batches is not None and i >= batches:
+            break
+        kept.append(batch)
+    if not kept:
+        raise DataError(
+            "the calibration split is empty: pass data= with at least one (inputs, labels) "
+            "batch held out from training"
+        )
+
+    def run(model: nn.Module) -> float:
+        result = evaluate(model, kept, loss_fn=loss_fn)
+        return result.accuracy if metric == "accuracy" else -result.loss
+
+    return run
+
+
+SPACES: dict[str, type[LayerSpace]] = {"elements": ElementSpace, "channels": ChannelSpace}
+
+
+def search_allocation(
+    model: nn.Module,
+    example_inputs: Inputs,
+    budget: Budget | str | Mapping[str, Any],
+    method: AllocationSearch | str | Mapping[str, Any] = "sensitivity",
+    *,
+    space: str | LayerSpace = "channels",
+    data: Iterable[Any] | None = None,
+    evaluate: Evaluator | None = None,
+    finetune: Finetuner | None = None,
+    progress: Progress | None = None,
+    seed: int = 0,
+    **space_options: Any,
+) -> SearchResult:
+    """Find per-layer ratios that meet ``budget`` by sensitivity analysis, AMC or NetAdapt.
+
+    ``space``: ``"channels"`` (removed channels; options of :class:`ChannelSpace`:
+    ``criterion``, ``max_ratio``, ``round_to``, ``ignored_layers``) or ``"elements"`` (masks;
+    options of :class:`ElementSpace`: ``structure``, ``criterion``, ``include``, ``exclude``),
+    or a space already built. ``evaluate(model) -> score`` (higher is better) defaults to top-1
+    accuracy on ``data``, a held-out calibration split. ``finetune(model, steps)`` is needed
+    by NetAdapt. The model is left as it was, also when the search fails.
+
+    Use the result with ``sc.shrink(model, x, budget, allocation=result.ratios)`` (channels)
+    or ``sc.prune_(model, allocation=space.layer_map(result.ratios), ...)`` (elements).
+    """
+    searcher = SEARCHES.build(method)
+    budget_ = BUDGETS.build(budget)
+    if evaluate is None:
+        if data is None:
+            raise ConfigError(
+                "a search needs to evaluate candidates: pass data=<held-out (inputs, labels) "
+                "batches> or evaluate=<callable(model) -> score>"
+            )
+        evaluate = accuracy_evaluator(data)
+    if searcher.needs_finetune and finetune is None:
+        raise ConfigError(
+            f"{searcher.registry_name} fine-tunes each candidate: pass finetune=<callable("
+            "model, steps) that trains the model in place>"
+        )
+    if isinstance(space, str):
+        if space not in SPACES:
+            raise ConfigError(f"space must be one of {sorted(SPACES)}; got {space!r}")
+        space_ = SPACES[space](model, example_inputs, seed=seed, **space_options)  # type: ignore[call-arg]
+    else:
+        space_ = space
+    space_.check(budget_)
+    state = space_.snapshot()
+    ctx = SearchContext(evaluate, finetune, progress, seed)
+    start = time.perf_counter()
+    try:
+        result = searcher.search(space_, budget_, ctx)
+    except BaseException:
+        space_.restore(state)
+        raise
+    space_.restore(state)
+    result.seconds = time.perf_counter() - start
+    result.evaluations = ctx.evaluations
+    return result
+
+
+# the searches register themselves on import
+from secateurs.allocation import sensitivity as _sensitivity  # noqa: E402,F401
