@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -118,10 +121,26 @@ def test_bytes_budget_for_masks() -> None:
 
 def test_envelope_and_threshold_interpolate() -> None:
     env = _envelope(1.0, [(0.0, 1.0), (0.5, 0.9), (0.7, 0.95), (0.9, 0.5)])
-    assert env == [(0.0, 0.0), (0.5, pytest.approx(0.1)), (0.7, pytest.approx(0.1)), (0.9, 0.5)]
+    assert env == [
+        (0.0, 0.0),
+        (0.5, pytest.approx(0.1)),
+        (0.7, pytest.approx(0.1)),
+        (0.9, pytest.approx(0.5)),
+    ]
     assert _largest_under(env, 0.05) == pytest.approx(0.25)
-    assert _largest_under(env, 0.1) == pytest.approx(0.7)  # the dip does not reach past 0.7
+    assert _largest_under(env, 0.1 + 1e-6) == pytest.approx(0.7)  # the dip stops at 0.7
     assert _largest_under(env, 1.0) == pytest.approx(0.9)
+
+
+def test_flat_curves_share_the_budget_instead_of_overshooting() -> None:
+    """A model no layer of which loses anything (every drop 0) is pruned to the budget, each
+    layer alike, not to the grid's top everywhere."""
+    model = make_mlp()
+    result = sc.search_allocation(
+        model, X_MLP, sc.Sparsity(0.5), "sensitivity", space="elements", evaluate=lambda m: 1.0
+    )
+    assert result.value == pytest.approx(0.5, abs=0.01)
+    assert max(result.ratios.values()) - min(result.ratios.values()) < 0.01
 
 
 @pytest.mark.parametrize(
@@ -268,3 +287,49 @@ def test_shrink_ratio_map_errors() -> None:
         sc.shrink(model, X_CNN, sc.MACs(0.9), allocation={"conv1": 0.1}, steps=2)
     with pytest.raises(ConfigError, match=r"in \[0, 1\)"):
         sc.shrink(model, X_CNN, sc.MACs(0.9), allocation={"conv1": 1.5})
+
+
+# ------------------------------------------------------------------------------- recipes and CLI
+
+QUICK = Path(__file__).resolve().parents[1] / "recipes" / "quick-synthetic.yaml"
+
+
+def test_cli_sensitivity_writes_curves_and_plot(tmp_path: Path) -> None:
+    from secateurs import cli
+
+    args = ["sensitivity", str(QUICK), "--out", str(tmp_path), "--workers", "2"]
+    args += ["--set", "prune.structure=elements", "--set", "prune.criterion=magnitude"]
+    assert cli.main(args) == 0
+    result = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert result["value"] <= result["limit"] + 1e-9
+    assert set(result["history"]["curves"]) == set(result["ratios"])
+    assert (tmp_path / "sensitivity.png").stat().st_size > 1000
+
+
+def test_recipe_allocation_searches_run_in_the_pipeline(tmp_path: Path) -> None:
+    from secateurs import pipeline, recipe
+
+    raw = yaml.safe_load(QUICK.read_text())
+    raw["output"] = {"dir": str(tmp_path), "latency": False, "report": False}
+    raw["prune"] = {"sparsity": 0.7, "allocation": {"name": "sensitivity", "ratios": [0.5, 0.9]}}
+    raw["shrink"] = {"budget": {"name": "macs", "keep": 0.6}, "allocation": "sensitivity"}
+    result = pipeline.run(recipe.parse(raw))
+    searches = result.report.extra["allocation_search"]
+    assert searches["shrink"]["value"] <= searches["shrink"]["limit"]
+    assert searches["prune"]["method"] == "sensitivity"
+    shrunk = result.report.extra["shrink"]
+    assert shrunk["macs_after"] == searches["shrink"]["value"]
+    assert result.report.trajectory[-1]["sparsity"] == pytest.approx(0.7, abs=0.01)
+
+
+def test_recipe_refuses_unknown_allocation_naming_the_searches() -> None:
+    from secateurs import recipe
+
+    with pytest.raises(ConfigError, match="sensitivity"):
+        recipe.parse({"prune": {"sparsity": 0.5, "allocation": "annealing"}})
+    with pytest.raises(ConfigError, match=r"shrink\.allocation"):
+        recipe.parse({"shrink": {"budget": {"name": "macs", "keep": 0.5}, "allocation": "lamp"}})
+    with pytest.raises(ConfigError, match="workers"):
+        recipe.parse(
+            {"prune": {"sparsity": 0.5, "allocation": {"name": "sensitivity", "workers": 0}}}
+        )

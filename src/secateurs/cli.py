@@ -1,4 +1,4 @@
-"""The ``secateurs`` command line: demo, run, summary, inspect, methods.
+"""The ``secateurs`` command line: demo, run, sensitivity, summary, inspect, methods.
 
 The CLI owns the terminal (rich tables and progress bars); the library only reports through
 callbacks. Every user error exits with status 2 and one line saying what was wrong.
@@ -27,12 +27,13 @@ console = Console()
 
 
 def _axes() -> dict[str, Any]:
-    from secateurs import ALLOCATIONS, BUDGETS, CRITERIA, SCHEDULES, STRUCTURES
+    from secateurs import ALLOCATIONS, BUDGETS, CRITERIA, SCHEDULES, SEARCHES, STRUCTURES
 
     return {
         "structure": STRUCTURES,
         "criterion": CRITERIA,
         "allocation": ALLOCATIONS,
+        "allocation search": SEARCHES,
         "schedule": SCHEDULES,
         "budget": BUDGETS,
     }
@@ -130,8 +131,9 @@ def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return raw
 
 
-def _run_recipe_text(text: str, source: str, args: argparse.Namespace) -> int:
-    from secateurs import pipeline, recipe
+def _parse_recipe(text: str, source: str, args: argparse.Namespace) -> Any:
+    """The recipe in ``text`` with the command line's ``--set`` and ``--out`` applied."""
+    from secateurs import recipe
 
     raw = yaml.safe_load(text)
     if not isinstance(raw, dict):
@@ -139,7 +141,20 @@ def _run_recipe_text(text: str, source: str, args: argparse.Namespace) -> int:
     raw = _apply_overrides(raw, args.set or [])
     if args.out:
         raw.setdefault("output", {})["dir"] = args.out
-    parsed = recipe.parse(raw, source=source)
+    return recipe.parse(raw, source=source)
+
+
+def _recipe_file(path_text: str) -> tuple[str, str]:
+    path = Path(path_text)
+    if not path.is_file():
+        raise SecateursError(f"recipe file {str(path)!r} does not exist")
+    return path.read_text(), f"recipe file {str(path)!r}"
+
+
+def _run_recipe_text(text: str, source: str, args: argparse.Namespace) -> int:
+    from secateurs import pipeline
+
+    parsed = _parse_recipe(text, source, args)
     console.print(f"[bold]secateurs[/bold] running {parsed.name!r} -> {parsed.out_dir()}")
     with _progress() as callbacks:
         result = pipeline.run(parsed, callbacks)
@@ -213,10 +228,41 @@ def _print_headline(report: dict[str, Any]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    path = Path(args.recipe)
-    if not path.is_file():
-        raise SecateursError(f"recipe file {str(path)!r} does not exist")
-    return _run_recipe_text(path.read_text(), f"recipe file {str(path)!r}", args)
+    return _run_recipe_text(*_recipe_file(args.recipe), args)
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from secateurs import pipeline
+
+    parsed = _parse_recipe(*_recipe_file(args.recipe), args)
+    console.print(f"[bold]secateurs[/bold] sensitivity of {parsed.name!r} -> {parsed.out_dir()}")
+    with _progress() as callbacks:
+        result = pipeline.sensitivity(parsed, callbacks, workers=args.workers)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    baseline = result["history"]["baseline"]
+    table = Table(title=f"per-layer ratios for {result['budget']} ({result['space']})")
+    for col in ("layer", "chosen ratio", "drop at chosen", "worst drop scanned"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for name, curve in result["history"]["curves"].items():
+        chosen = result["ratios"][name]
+        below = [s for r, s in curve if r <= chosen + 1e-12]
+        table.add_row(
+            name,
+            f"{chosen:.3f}",
+            f"{baseline - min(below):+.4f}",
+            f"{baseline - min(s for _, s in curve):+.4f}",
+        )
+    console.print(table)
+    console.print(
+        f"  {result['value']:,.4g} {result['unit']} (allowed {result['limit']:,.4g}); score "
+        f"{result['score']:.4f} with every layer pruned, unpruned {baseline:.4f}; "
+        f"{result['evaluations']} evaluations in {result['seconds']:.1f} s"
+    )
+    out = parsed.out_dir()
+    console.print(f"  curves: {out / 'sensitivity.json'}, plot: {out / 'sensitivity.png'}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -317,6 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a recipe key, e.g. prune.sparsity=0.9",
     )
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "sensitivity",
+        help="scan each layer of a recipe's dense model alone, plot the curves, pick ratios",
+    )
+    p.add_argument("recipe", help="path to the recipe; its shrink or prune budget is used")
+    p.add_argument("--out", help="output directory (overrides output.dir)")
+    p.add_argument("--workers", type=int, help="worker processes for the scan (default 1)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser(
         "summary", help="per-layer params, nonzeros, density and MACs of a checkpoint"

@@ -24,6 +24,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from secateurs import __version__
+from secateurs.allocation.search import SearchResult, search_allocation
+from secateurs.allocation.space import ChannelSpace, ElementSpace, LayerSpace
+from secateurs.budgets import BUDGETS, Budget
 from secateurs.compress import load_compressed, save_compressed, share_weights_
 from secateurs.data import DataBundle, load_dataset
 from secateurs.errors import ConfigError, ModelError
@@ -32,11 +35,13 @@ from secateurs.graph.surgery import ChannelPlan, apply_plan_
 from secateurs.masks import collect_masks, make_permanent_
 from secateurs.metrics import evaluate, measure_latency, profile
 from secateurs.pruner import Pruner
-from secateurs.recipe import Recipe, schedule_in_steps
+from secateurs.recipe import Recipe, is_search, schedule_in_steps
 from secateurs.registry import build_dataclass
 from secateurs.report import RunReport, write_report
+from secateurs.report.plots import sensitivity_curves
+from secateurs.report.writer import _jsonable
 from secateurs.shrink import shrink
-from secateurs.train import REGULARIZERS, Distillation, make_optimizer, train
+from secateurs.train import REGULARIZERS, Distillation, TrainConfig, make_optimizer, train
 from secateurs.zoo import build_model
 
 MODEL_FILE = "model.safetensors"
@@ -165,35 +170,26 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
     torch.manual_seed(recipe.seed)
     out_dir = recipe.out_dir()
 
-    bundle = _load_data(recipe)
-    model = build_model(
-        recipe.model.name,
-        num_classes=bundle.num_classes,
-        in_channels=bundle.input_shape[0],
-        seed=recipe.seed,
-        **recipe.model.options,
-    )
-    train_loader, test_loader = bundle.loaders(recipe.data.batch_size, seed=recipe.seed)
+    bundle, model, (train_loader, test_loader), example, calib = _prepare(recipe)
     steps_per_epoch = len(train_loader)
-    example = next(iter(test_loader))[0][:64]
-    calib = DataLoader(
-        bundle.calibration_split(recipe.data.calibration_examples, seed=recipe.seed),
-        batch_size=recipe.data.batch_size,
-    )
 
     # Build the pruner first so a bad plan fails before any training.
     p = recipe.prune
     structural = recipe.shrink.budget is not None
     masking = p.sparsity is not None or p.budget is not None or not structural
 
-    def make_pruner(model: nn.Module) -> Pruner:
+    searching = masking and is_search(p.allocation)
+
+    def make_pruner(model: nn.Module, allocation: Any = None) -> Pruner:
         return Pruner(
             model,
             p.sparsity if masking else 0.0,
             budget=p.budget,
             structure=p.structure,
             criterion=p.criterion,
-            allocation=p.allocation,
+            # a search's ratio map replaces the allocation once found; until then the plan
+            # is checked with the default
+            allocation=allocation or ("global" if searching else p.allocation),
             schedule=schedule_in_steps(p.schedule, steps_per_epoch),
             include=p.include or None,
             exclude=p.exclude or None,
@@ -228,13 +224,7 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
         "versions": versions(),
     }
     t_dense = time.perf_counter()
-    if recipe.model.checkpoint:
-        load_checkpoint(recipe.model.checkpoint, model)
-        progress.message(f"loaded dense weights from {recipe.model.checkpoint}")
-    elif recipe.train.epochs:
-        progress.phase(f"training dense {recipe.model.name}", train_cfg.epochs * steps_per_epoch)
-        sparsifying = [REGULARIZERS.build(r).bind(model) for r in recipe.train.regularizers]
-        train(model, train_loader, train_cfg, progress=progress.advance, loss_terms=sparsifying)
+    _dense(recipe, model, train_loader, progress)
     dense_seconds = time.perf_counter() - t_dense
     dense_path = out_dir / DENSE_FILE
     save_checkpoint(model, dense_path, {**meta, "pruned": False})
@@ -256,10 +246,31 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
     t_prune = time.perf_counter()
     ft_cfg = recipe.finetune.config(train_cfg)
     shrunk: dict[str, Any] = {}
+    searches: dict[str, Any] = {}
     if structural:
         model, shrunk = _shrink(recipe, model, example, calib, train_loader, ft_cfg, progress)
         meta["channel_plan"] = shrunk.pop("plan")
+        if "search" in shrunk:
+            searches["shrink"] = shrunk.pop("search")
         pruner = make_pruner(model)
+    if searching:
+        space = ElementSpace(
+            model,
+            example,
+            structure=p.structure,
+            criterion=p.criterion,
+            include=p.include or None,
+            exclude=p.exclude or None,
+            data=calib,
+            loss_fn=nn.functional.cross_entropy,
+            calibration_batches=p.calibration_batches,
+            seed=recipe.seed,
+        )
+        found = _search(
+            recipe, p.allocation, space, pruner.budget_, calib, train_loader, ft_cfg, progress
+        )
+        searches["prune"] = found.to_dict()
+        pruner = make_pruner(model, space.layer_map(found.ratios))
     pruner.step()  # step 0: one-shot schedules prune before fine-tuning starts
 
     def on_epoch_end(epoch: int, loss: float) -> None:
@@ -347,6 +358,7 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
             **({"export": exported} if exported else {}),
             **({"lottery_tickets": tickets} if tickets else {}),
             **({"shrink": shrunk} if shrunk else {}),
+            **({"allocation_search": searches} if searches else {}),
             "prune_events": history,
             "seconds": {
                 "dense": dense_seconds,
@@ -360,6 +372,104 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
     if recipe.output.report:
         files.update(write_report(report, out_dir))
     return RunResult(report=report, model=model, out_dir=out_dir, files=files)
+
+
+Loaders = tuple[DataLoader[Any], DataLoader[Any]]
+
+
+def _prepare(recipe: Recipe) -> tuple[DataBundle, nn.Module, Loaders, Tensor, DataLoader[Any]]:
+    """Data, the untrained model, train/test loaders, example inputs and calibration batches."""
+    bundle = _load_data(recipe)
+    model = build_model(
+        recipe.model.name,
+        num_classes=bundle.num_classes,
+        in_channels=bundle.input_shape[0],
+        seed=recipe.seed,
+        **recipe.model.options,
+    )
+    loaders = bundle.loaders(recipe.data.batch_size, seed=recipe.seed)
+    example = next(iter(loaders[1]))[0][:64]
+    calib = DataLoader(
+        bundle.calibration_split(recipe.data.calibration_examples, seed=recipe.seed),
+        batch_size=recipe.data.batch_size,
+    )
+    return bundle, model, loaders, example, calib
+
+
+def _dense(
+    recipe: Recipe, model: nn.Module, train_loader: DataLoader[Any], progress: Progress
+) -> None:
+    """Give ``model`` its dense weights: the recipe's checkpoint, or dense training."""
+    if recipe.model.checkpoint:
+        load_checkpoint(recipe.model.checkpoint, model)
+        progress.message(f"loaded dense weights from {recipe.model.checkpoint}")
+    elif recipe.train.epochs:
+        steps = recipe.train.epochs * len(train_loader)
+        progress.phase(f"training dense {recipe.model.name}", steps)
+        sparsifying = [REGULARIZERS.build(r).bind(model) for r in recipe.train.regularizers]
+        train(model, train_loader, recipe.train, progress=progress.advance, loss_terms=sparsifying)
+
+
+def sensitivity(
+    recipe: Recipe, progress: Progress | None = None, workers: int | None = None
+) -> dict[str, Any]:
+    """Scan the recipe's dense model layer by layer (``secateurs sensitivity``).
+
+    The space follows the recipe: channels when its ``shrink`` section has a budget, else the
+    ``prune`` section's masks. The budget is that section's; the scan's options are those of
+    its allocation when it is ``sensitivity``. Writes ``sensitivity.json`` (curves and the
+    ratio map for the budget) and ``sensitivity.png`` (one line per layer) to the output
+    directory; returns the JSON.
+    """
+    progress = progress or Progress()
+    _, model, (train_loader, _), example, calib = _prepare(recipe)
+    _dense(recipe, model, train_loader, progress)
+    s, p = recipe.shrink, recipe.prune
+    space: LayerSpace
+    if s.budget is not None:
+        spec: Any = s.allocation
+        budget = BUDGETS.build(s.budget)
+        space = ChannelSpace(
+            model,
+            example[:1],
+            criterion=s.criterion,
+            max_ratio=s.max_ratio,
+            round_to=s.round_to,
+            ignored_layers=s.ignored_layers,
+            data=calib,
+            loss_fn=nn.functional.cross_entropy,
+            calibration_batches=s.calibration_batches,
+            seed=recipe.seed,
+        )
+    else:
+        spec = p.allocation
+        budget = BUDGETS.build(p.budget or {"name": "sparsity", "value": p.sparsity or 0.0})
+        space = ElementSpace(
+            model,
+            example,
+            structure=p.structure,
+            criterion=p.criterion,
+            include=p.include or None,
+            exclude=p.exclude or None,
+            data=calib,
+            loss_fn=nn.functional.cross_entropy,
+            calibration_batches=p.calibration_batches,
+            seed=recipe.seed,
+        )
+    name = spec if isinstance(spec, str) else spec.get("name")
+    options = dict(spec) if isinstance(spec, dict) and name == "sensitivity" else {}
+    options["name"] = "sensitivity"
+    if workers is not None:
+        options["workers"] = workers
+    found = search_allocation(
+        model, None, budget, options, space=space, data=calib, progress=progress.message
+    )
+    out_dir = recipe.out_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"budget": str(budget), "space": space.description, **found.to_dict()}
+    (out_dir / "sensitivity.json").write_text(json.dumps(_jsonable(result), indent=2))
+    sensitivity_curves(found.history, found.ratios, out_dir / "sensitivity.png")
+    return result
 
 
 def _export(
@@ -437,12 +547,38 @@ def _shrink(
             progress.message(f"shrink step {step}: fine-tuning {between.epochs} epoch(s)")
             train(m, train_loader, between)
 
+    allocation: Any = s.allocation if isinstance(s.allocation, str) else s.allocation["name"]
+    found = None
+    if is_search(s.allocation):
+        space = ChannelSpace(
+            model,
+            example[:1],
+            criterion=s.criterion,
+            max_ratio=s.max_ratio,
+            round_to=s.round_to,
+            ignored_layers=s.ignored_layers,
+            data=calib,
+            loss_fn=nn.functional.cross_entropy,
+            calibration_batches=s.calibration_batches,
+            seed=recipe.seed,
+        )
+        found = _search(
+            recipe,
+            s.allocation,
+            space,
+            BUDGETS.build(s.budget or {}),
+            calib,
+            train_loader,
+            ft_cfg,
+            progress,
+        )
+        allocation = found.ratios
     small, report = shrink(
         model,
         example[:1],
         budget=s.budget or {},
         criterion=s.criterion,
-        allocation=s.allocation,
+        allocation=allocation,
         max_ratio=s.max_ratio,
         round_to=s.round_to,
         ignored_layers=s.ignored_layers,
@@ -458,7 +594,58 @@ def _shrink(
         f"removed {report.channels_removed} of {report.channels_prunable} channels: "
         f"MACs {report.macs_before:,} -> {report.macs_after:,} ({report.macs_ratio:.1%})"
     )
-    return small, {**report.to_dict(), "plan": report.plan.to_json()}
+    extra = {"search": found.to_dict()} if found is not None else {}
+    return small, {**report.to_dict(), "plan": report.plan.to_json(), **extra}
+
+
+def steps_finetuner(
+    train_loader: DataLoader[Any], config: TrainConfig
+) -> Callable[[nn.Module, int], None]:
+    """``finetune(model, steps)``: train in place on the next ``steps`` training batches at
+    the fine-tuning settings (what NetAdapt's short- and long-term fine-tuning call)."""
+    batches: list[Any] = []
+
+    def finetune(model: nn.Module, steps: int) -> None:
+        if steps <= 0:
+            return
+        while len(batches) < steps:
+            batches.extend(train_loader)
+        train(model, batches[:steps], dataclasses.replace(config, epochs=1))
+
+    return finetune
+
+
+def _search(
+    recipe: Recipe,
+    spec: Any,
+    space: LayerSpace,
+    budget: Budget,
+    calib: DataLoader[Any],
+    train_loader: DataLoader[Any],
+    ft_cfg: TrainConfig,
+    progress: Progress,
+) -> SearchResult:
+    """Run the allocation search ``spec`` on ``space``; scored on the calibration split."""
+    progress.message(
+        f"searching per-layer ratios ({spec if isinstance(spec, str) else spec['name']})"
+    )
+    found = search_allocation(
+        space.model,
+        None,
+        budget,
+        spec,
+        space=space,
+        data=calib,
+        finetune=steps_finetuner(train_loader, ft_cfg),
+        progress=progress.message,
+        seed=recipe.seed,
+    )
+    progress.message(
+        f"{found.method}: {found.value:,.4g} {found.unit} (allowed {found.limit:,.4g}), "
+        f"score {found.score if found.score is not None else float('nan'):.4f}, "
+        f"{found.evaluations} evaluations in {found.seconds:.1f} s"
+    )
+    return found
 
 
 def _load_data(recipe: Recipe) -> DataBundle:

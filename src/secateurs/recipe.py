@@ -60,7 +60,12 @@ class DataSection:
 
 @dataclass
 class PruneSection:
-    """The plan: what to prune, how much, by which criterion and allocation, when."""
+    """The plan: what to prune, how much, by which criterion and allocation, when.
+
+    ``allocation`` may also be an automatic search (``sensitivity``, ``amc``, ``netadapt``),
+    which finds per-layer ratios for the budget before pruning (scored on the calibration
+    split); the schedule then prunes each layer to its ratio.
+    """
 
     sparsity: float | None = None
     budget: MethodSpec | None = None
@@ -92,11 +97,15 @@ class ShrinkSection:
     training and before the ``prune`` section, which may then mask the smaller model further.
     With ``steps`` > 1 the budget is reached in equal cuts with ``epochs_between`` epochs of
     fine-tuning after each cut but the last; the ``finetune`` section follows at the end.
+    ``allocation``: ``uniform``, ``global``, or an automatic search (``sensitivity``, ``amc``,
+    ``netadapt``, with their options as ``{name: amc, episodes: 40}``) that finds per-layer
+    ratios meeting the budget, scored on the calibration split (training examples, never
+    the test set).
     """
 
     budget: MethodSpec | None = None
     criterion: MethodSpec = field(default_factory=lambda: {"name": "magnitude", "p": 2})
-    allocation: str = "uniform"
+    allocation: MethodSpec = "uniform"
     max_ratio: float = 0.9
     round_to: int | None = None
     ignored_layers: list[str] = field(default_factory=list)
@@ -212,7 +221,6 @@ _METHOD_FIELDS: dict[str, Registry[Any]] = {
     "prune.budget": BUDGETS,
     "prune.structure": STRUCTURES,
     "prune.criterion": CRITERIA,
-    "prune.allocation": ALLOCATIONS,
     "prune.schedule": SCHEDULES,
 }
 _EPOCH_KEYS = ("start", "end", "every", "at", "rewind", "sparse", "dense")
@@ -291,6 +299,34 @@ def _check_method(path: str, registry: Registry[Any], spec: Any) -> None:
         raise ConfigError(f"recipe key {path!r}: {exc}") from None
 
 
+STRUCTURAL_BUDGETS = ("macs", "params", "sparsity", "bytes", "latency")
+
+
+def is_search(spec: MethodSpec) -> bool:
+    """True when an allocation spec names an automatic search (sensitivity, AMC, NetAdapt)."""
+    from secateurs.allocation.search import SEARCHES
+
+    name = spec if isinstance(spec, str) else spec.get("name")
+    return name in SEARCHES.names()
+
+
+def _check_allocation(path: str, spec: MethodSpec, plain: list[str]) -> None:
+    """An allocation is one of ``plain`` (built by its registry) or a registered search."""
+    from secateurs.allocation.search import SEARCHES
+
+    if is_search(spec):
+        _check_method(path, SEARCHES, spec)
+        return
+    name = spec if isinstance(spec, str) else spec.get("name")
+    if name not in plain:
+        raise ConfigError(
+            f"recipe key {path!r} has value {spec!r}; allowed: {', '.join(plain)}, or a search: "
+            f"{', '.join(SEARCHES.names())}"
+        )
+    if path == "prune.allocation":
+        _check_method(path, ALLOCATIONS, spec)
+
+
 def _positive(path: str, value: float | int | None, allow_zero: bool = False) -> None:
     if value is None:
         return
@@ -313,6 +349,7 @@ def validate(recipe: Recipe) -> Recipe:
         )
     if p.sparsity is not None and p.budget is not None:
         raise ConfigError("recipe keys 'prune.sparsity' and 'prune.budget' exclude each other")
+    _check_allocation("prune.allocation", p.allocation, ALLOCATIONS.names())
     _validate_shrink(recipe.shrink)
     for path, value, zero_ok in (
         ("data.batch_size", recipe.data.batch_size, False),
@@ -354,19 +391,11 @@ def validate(recipe: Recipe) -> Recipe:
 def _validate_shrink(s: ShrinkSection) -> None:
     from secateurs.shrink import ALLOCATIONS as SHRINK_ALLOCATIONS
 
-    if s.allocation not in SHRINK_ALLOCATIONS:
+    _check_allocation("shrink.allocation", s.allocation, list(SHRINK_ALLOCATIONS))
+    if s.budget is not None and BUDGETS.build(s.budget).registry_name not in STRUCTURAL_BUDGETS:
         raise ConfigError(
-            f"recipe key 'shrink.allocation' has value {s.allocation!r}; allowed: "
-            f"{', '.join(SHRINK_ALLOCATIONS)}"
-        )
-    if s.budget is not None and BUDGETS.build(s.budget).registry_name not in (
-        "macs",
-        "params",
-        "sparsity",
-    ):
-        raise ConfigError(
-            f"recipe key 'shrink.budget' has value {s.budget!r}; structural budgets are macs, "
-            "params and sparsity"
+            f"recipe key 'shrink.budget' has value {s.budget!r}; structural budgets are "
+            f"{', '.join(STRUCTURAL_BUDGETS)}"
         )
     if not 0 < s.max_ratio <= 1:
         raise ConfigError(

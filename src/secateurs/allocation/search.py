@@ -166,7 +166,7 @@ SPACES: dict[str, type[LayerSpace]] = {"elements": ElementSpace, "channels": Cha
 
 def search_allocation(
     model: nn.Module,
-    example_inputs: Inputs,
+    example_inputs: Inputs | None,
     budget: Budget | str | Mapping[str, Any],
     method: AllocationSearch | str | Mapping[str, Any] = "sensitivity",
     *,
@@ -205,6 +205,8 @@ def search_allocation(
             "model, steps) that trains the model in place>"
         )
     if isinstance(space, str):
+        if example_inputs is None and space == "channels":
+            raise ConfigError("removing channels needs example_inputs to trace the model")
         if space not in SPACES:
             raise ConfigError(f"space must be one of {sorted(SPACES)}; got {space!r}")
         space_ = SPACES[space](model, example_inputs, seed=seed, **space_options)  # type: ignore[call-arg]

@@ -37,6 +37,8 @@ from secateurs.errors import BudgetError, ConfigError, ModelError, SecateursErro
 #: ``{layer: [(ratio, score), ...]}`` in ratio order, ratio 0 first.
 Curves = dict[str, list[tuple[float, float]]]
 BISECTION_STEPS = 60
+#: Slope added to every drop curve, per unit of ratio (far below any measurable drop).
+TIE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -196,11 +198,14 @@ class Sensitivity(AllocationSearch):
 
 
 def _envelope(baseline: float, curve: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """``(ratio, drop)`` made non-decreasing in the ratio (the running maximum)."""
+    """``(ratio, drop)`` made increasing in the ratio: the running maximum of the drop, plus a
+    tiny slope (:data:`TIE` per unit of ratio) so that flat stretches (layers that lose nothing)
+    do not all jump to their largest ratio at one threshold: the budget is then met closely
+    instead of overshot, with such layers pruned alike."""
     out, worst = [], 0.0
     for r, score in sorted(curve):
         worst = max(worst, baseline - score)
-        out.append((r, worst))
+        out.append((r, worst + TIE * r))
     return out
 
 

@@ -8,9 +8,9 @@ so ``import secateurs`` does not pay for it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -76,4 +76,26 @@ def per_class_change(changes: Sequence[tuple[str, float]], path: Path) -> Path:
     ax.set_ylabel("accuracy change vs dense (points)")
     ax.set_title("which classes pay for the pruning")
     ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def sensitivity_curves(history: Mapping[str, Any], ratios: Mapping[str, float], path: Path) -> Path:
+    """A sensitivity scan: score against ratio, one line per layer, each layer's chosen ratio
+    marked, the unpruned score dashed (``history`` as :class:`~secateurs.SearchResult` holds
+    it: ``baseline`` and ``curves`` of ``[ratio, score]`` pairs)."""
+    curves: Mapping[str, Sequence[Sequence[float]]] = history.get("curves", {})
+    fig = _figure(7, 4.5)
+    ax = fig.add_subplot()
+    for name, curve in curves.items():
+        xs = [r * 100 for r, _ in curve]
+        (line,) = ax.plot(xs, [s for _, s in curve], "o-", ms=3, label=name)
+        if name in ratios:
+            ax.axvline(ratios[name] * 100, color=line.get_color(), ls=":", lw=1)
+    if "baseline" in history:
+        ax.axhline(history["baseline"], color="grey", ls="--", label="unpruned")
+    ax.set_xlabel("ratio removed from this layer alone (%); dotted: chosen ratio")
+    ax.set_ylabel("score on the calibration split")
+    ax.set_title("sensitivity of each layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(curves) > 8 else 1)
     return _save(fig, path)
