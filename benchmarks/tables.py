@@ -164,78 +164,53 @@ def shrink_speed() -> str:
     return "\n".join(lines)
 
 
-def structural() -> str:
-    """shrink against Torch-Pruning: accuracy at the same MACs budget, then speed per model."""
+def allocation() -> str:
+    """Automatic per-layer ratios against uniform/global at one budget, same fine-tuning."""
     out = []
-    for path in sorted(RESULTS.glob("structural*.json")):
-        if path.stem in ("structural_speed", "structural_quick"):
+    for part, title in (("vgg", "VGG-BN, channels removed"), ("lenet5", "LeNet-5, masks")):
+        rows = []
+        for path in sorted(RESULTS.glob(f"allocation_{part}*.json")):
+            if not path.stem.endswith("_quick"):
+                rows += [r for r in json.loads(path.read_text())["rows"] if "accuracy" in r]
+        if not rows:
             continue
-        data = json.loads(path.read_text())
-        summary = data.get("summary")
-        if not summary:
-            continue
-        first = next(r for r in data["rows"] if "accuracy" in r)
-        d = summary["dense_accuracy"]
+        seeds = sorted({r["seed"] for r in rows})
+        dense = [next(r["dense_accuracy"] for r in rows if r["seed"] == s) for s in seeds]
+        base = {r["seed"]: r["accuracy"] for r in rows if r["method"] == "uniform"}
         out += [
-            f"{first['model']} on Fashion-MNIST, {d['n']} seeds (mean ± sd), "
-            f"{first['finetune_epochs']} epochs of fine-tuning at lr {first['finetune_lr']:g}; "
-            f"dense {d['mean']:.2%} ± {d['std']:.2%}, {first['dense_macs'] / 1e6:.1f}M MACs",
+            f"{title}, {rows[0]['budget']}, {len(seeds)} seed(s); dense "
+            f"{statistics.mean(dense):.2%}",
             "",
-            "| method | MACs kept | params kept | prune (s) | before fine-tuning "
-            "| after fine-tuning | vs dense |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| allocation | accuracy after fine-tuning | vs uniform | before fine-tuning "
+            "| MACs kept | nonzeros kept | latency (ms, batch 64) | search (s) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for method, v in summary["methods"].items():
-            a = v["accuracy"]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            rs = [r for r in rows if r["method"] == method]
+            acc = [r["accuracy"] for r in rs]
+            sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+            diffs = [r["accuracy"] - base[r["seed"]] for r in rs if r["seed"] in base]
+            vs = f"{statistics.mean(diffs) * 100:+.2f} pt" if diffs else ""
             out.append(
-                f"| {method} | {v['macs_ratio']['mean']:.3f} | {v['params_ratio']['mean']:.3f} "
-                f"| {v['prune_seconds']['mean']:.2f} | {v['accuracy_before_finetune']['mean']:.2%} "
-                f"| {a['mean']:.2%} ± {a['std']:.2%} | {(a['mean'] - d['mean']) * 100:+.2f} pt |"
+                f"| {method} | {statistics.mean(acc):.2%} ± {sd:.2%} | {vs} "
+                f"| {statistics.mean(r['accuracy_before_finetune'] for r in rs):.2%} "
+                f"| {statistics.mean(r['macs'] / r['dense_macs'] for r in rs):.3f} "
+                f"| {statistics.mean(r['nonzeros'] / r['dense_nonzeros'] for r in rs):.3f} "
+                f"| {statistics.mean(r['latency_ms'] for r in rs):.1f} "
+                f"(dense {statistics.mean(r['dense_latency_ms'] for r in rs):.1f}) "
+                f"| {statistics.mean(r['search_seconds'] for r in rs):.1f} |"
             )
         out.append("")
-    path = RESULTS / "structural_speed.json"
+    path = RESULTS / "allocation_timing.json"
     if path.is_file():
-        data = json.loads(path.read_text())
-        rows = data["speed_rows"]
         out += [
-            f"CPU latency, {data['threads']} thread(s), median of interleaved rounds; "
-            "x the limit = speedup / MACs reduction",
-            "",
-            "| model | pruned by | MACs kept | graph (s) | prune (s) | batch 1 (ms) | speedup "
-            "| large batch (ms) | speedup | x the limit |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| sensitivity scan of LeNet-5 | workers | evaluations | seconds |",
+            "|---|---:|---:|---:|",
         ]
-        for r in rows:
-            big = str(r["large_batch"])
-            lat, sec = r["latency_ms"], r["seconds"]
+        for r in json.loads(path.read_text())["rows"]:
             out.append(
-                f"| {r['model']} | dense | 1.000 | | | {lat['1']['dense']['median_ms']:.1f} | "
-                f"| {lat[big]['dense']['median_ms']:.1f} (batch {big}) | | |"
+                f"| {r['space']} | {r['workers']} | {r['evaluations']} | {r['seconds']:.1f} |"
             )
-            for key, label in (
-                ("secateurs", "secateurs"),
-                ("torch_pruning", "Torch-Pruning"),
-                ("reference", r.get("reference", {}).get("label", "")),
-            ):
-                sp = r["speedups"].get(key)
-                if sp is None:
-                    if key == "torch_pruning" and "error" in r.get(key, {}):
-                        out.append(f"| {r['model']} | {label} | failed | | | | | | | |")
-                    continue
-                timing = {"secateurs": "secateurs", "torch_pruning": "torch_pruning"}.get(key)
-                graph = sec.get(f"{timing} graph") if timing else None
-                prune = sec.get(f"{timing} prune") if timing else None
-                out.append(
-                    f"| {r['model']} | {label} | {1 / sp['macs_reduction']:.3f} "
-                    f"| {'' if graph is None else f'{graph:.3f}'} "
-                    f"| {'' if prune is None else f'{prune:.3f}'} "
-                    f"| {lat['1'][key]['median_ms']:.1f} | {sp['speedup_batch1']:.2f}x "
-                    f"| {lat[big][key]['median_ms']:.1f} | {sp[f'speedup_batch{big}']:.2f}x "
-                    f"| {sp[f'limit_fraction_batch{big}']:.2f} |"
-                )
-        notes = [f"{r['model']}: {r['budget_error']}" for r in rows if "budget_error" in r]
-        if notes:
-            out += ["", *(f"* {n}" for n in notes)]
     return "\n".join(out).rstrip()
 
 
@@ -252,4 +227,4 @@ if __name__ == "__main__":
     print()
     print(sparse_inference())
     print()
-    print(structural())
+    print(allocation())
