@@ -439,6 +439,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "bytes": {"keep": 0.25},
     "latency": {"keep": 0.5},
     "sensitivity": {"ratios": [0.0, 0.25, 0.5], "workers": 2},
+    "amc": {"episodes": 20, "warmup": 5, "protocol": "accuracy"},
 }
 
 #: Names whose class has required options (no sensible default).
@@ -481,7 +482,7 @@ def test_every_registered_name_has_test_options() -> None:
             "iht",
         },
         "budget": {"sparsity", "params", "macs", "bytes", "latency"},
-        "search": {"sensitivity"},
+        "search": {"sensitivity", "amc"},
     }
     for axis, names in expected_axes.items():
         assert names <= set(REGISTRIES[axis].names()), axis
