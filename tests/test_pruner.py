@@ -440,6 +440,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "latency": {"keep": 0.5},
     "sensitivity": {"ratios": [0.0, 0.25, 0.5], "workers": 2},
     "amc": {"episodes": 20, "warmup": 5, "protocol": "accuracy"},
+    "netadapt": {"step": 0.1, "short_steps": 5, "long_steps": 50},
 }
 
 #: Names whose class has required options (no sensible default).
@@ -482,7 +483,7 @@ def test_every_registered_name_has_test_options() -> None:
             "iht",
         },
         "budget": {"sparsity", "params", "macs", "bytes", "latency"},
-        "search": {"sensitivity", "amc"},
+        "search": {"sensitivity", "amc", "netadapt"},
     }
     for axis, names in expected_axes.items():
         assert names <= set(REGISTRIES[axis].names()), axis

@@ -229,4 +229,5 @@ def search_allocation(
 
 # the searches register themselves on import
 from secateurs.allocation import amc as _amc  # noqa: E402,F401
+from secateurs.allocation import netadapt as _netadapt  # noqa: E402,F401
 from secateurs.allocation import sensitivity as _sensitivity  # noqa: E402,F401
