@@ -254,18 +254,7 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
             searches["shrink"] = shrunk.pop("search")
         pruner = make_pruner(model)
     if searching:
-        space = ElementSpace(
-            model,
-            example,
-            structure=p.structure,
-            criterion=p.criterion,
-            include=p.include or None,
-            exclude=p.exclude or None,
-            data=calib,
-            loss_fn=nn.functional.cross_entropy,
-            calibration_batches=p.calibration_batches,
-            seed=recipe.seed,
-        )
+        space = _element_space(recipe, model, example, calib)
         found = _search(
             recipe, p.allocation, space, pruner.budget_, calib, train_loader, ft_cfg, progress
         )
@@ -410,6 +399,44 @@ def _dense(
         train(model, train_loader, recipe.train, progress=progress.advance, loss_terms=sparsifying)
 
 
+def _element_space(
+    recipe: Recipe, model: nn.Module, example: Tensor, calib: DataLoader[Any]
+) -> ElementSpace:
+    """The ratio-map space of the recipe's ``prune`` section (masks)."""
+    p = recipe.prune
+    return ElementSpace(
+        model,
+        example,
+        structure=p.structure,
+        criterion=p.criterion,
+        include=p.include or None,
+        exclude=p.exclude or None,
+        data=calib,
+        loss_fn=nn.functional.cross_entropy,
+        calibration_batches=p.calibration_batches,
+        seed=recipe.seed,
+    )
+
+
+def _channel_space(
+    recipe: Recipe, model: nn.Module, example: Tensor, calib: DataLoader[Any]
+) -> ChannelSpace:
+    """The ratio-map space of the recipe's ``shrink`` section (removed channels)."""
+    s = recipe.shrink
+    return ChannelSpace(
+        model,
+        example[:1],
+        criterion=s.criterion,
+        max_ratio=s.max_ratio,
+        round_to=s.round_to,
+        ignored_layers=s.ignored_layers,
+        data=calib,
+        loss_fn=nn.functional.cross_entropy,
+        calibration_batches=s.calibration_batches,
+        seed=recipe.seed,
+    )
+
+
 def sensitivity(
     recipe: Recipe, progress: Progress | None = None, workers: int | None = None
 ) -> dict[str, Any]:
@@ -429,33 +456,11 @@ def sensitivity(
     if s.budget is not None:
         spec: Any = s.allocation
         budget = BUDGETS.build(s.budget)
-        space = ChannelSpace(
-            model,
-            example[:1],
-            criterion=s.criterion,
-            max_ratio=s.max_ratio,
-            round_to=s.round_to,
-            ignored_layers=s.ignored_layers,
-            data=calib,
-            loss_fn=nn.functional.cross_entropy,
-            calibration_batches=s.calibration_batches,
-            seed=recipe.seed,
-        )
+        space = _channel_space(recipe, model, example, calib)
     else:
         spec = p.allocation
         budget = BUDGETS.build(p.budget or {"name": "sparsity", "value": p.sparsity or 0.0})
-        space = ElementSpace(
-            model,
-            example,
-            structure=p.structure,
-            criterion=p.criterion,
-            include=p.include or None,
-            exclude=p.exclude or None,
-            data=calib,
-            loss_fn=nn.functional.cross_entropy,
-            calibration_batches=p.calibration_batches,
-            seed=recipe.seed,
-        )
+        space = _element_space(recipe, model, example, calib)
     name = spec if isinstance(spec, str) else spec.get("name")
     options = dict(spec) if isinstance(spec, dict) and name == "sensitivity" else {}
     options["name"] = "sensitivity"
@@ -550,18 +555,7 @@ def _shrink(
     allocation: Any = s.allocation if isinstance(s.allocation, str) else s.allocation["name"]
     found = None
     if is_search(s.allocation):
-        space = ChannelSpace(
-            model,
-            example[:1],
-            criterion=s.criterion,
-            max_ratio=s.max_ratio,
-            round_to=s.round_to,
-            ignored_layers=s.ignored_layers,
-            data=calib,
-            loss_fn=nn.functional.cross_entropy,
-            calibration_batches=s.calibration_batches,
-            seed=recipe.seed,
-        )
+        space = _channel_space(recipe, model, example, calib)
         found = _search(
             recipe,
             s.allocation,
