@@ -16,11 +16,16 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) data
 
-# Fashion-MNIST from Debian's package (IDX files in /usr/share/datasets/fashion-mnist).
+# Fashion-MNIST from Debian's package (IDX files in /usr/share/datasets/fashion-mnist), and
+# Debian's Chromium, which the bench report's test loads the HTML page in (headless).
 data:
 	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update && $$SUDO apt-get install -y dataset-fashion-mnist; \
+	fi
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && $$SUDO apt-get install -y chromium; \
 	fi
 
 demo: setup

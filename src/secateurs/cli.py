@@ -1,4 +1,4 @@
-"""The ``secateurs`` command line: demo, run, sensitivity, summary, inspect, methods.
+"""The ``secateurs`` command line: demo, run, sensitivity, summary, inspect, methods, bench.
 
 The CLI owns the terminal (rich tables and progress bars); the library only reports through
 callbacks. Every user error exits with status 2 and one line saying what was wrong.
@@ -338,6 +338,89 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """Mean +- standard deviation over seeds of each (model, dataset, method, budget)."""
+
+    def pm(mean: float | None, sd: float | None, scale: float = 1.0, fmt: str = ".2f") -> str:
+        if mean is None:
+            return "-"
+        text = f"{mean * scale:{fmt}}"
+        return text if sd is None else f"{text} ± {sd * scale:{fmt}}"
+
+    table = Table(title=title, title_justify="left")
+    for col in ("model", "method", "budget", "seeds", "top-1 %", "drop pt", "robust drop pt"):
+        table.add_column(col, justify="left" if col in ("model", "method", "budget") else "right")
+    for col in ("compression", "file bytes", "latency ms"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        seeds = str(r["n"]) + (f" ({r['failed']} failed)" if r["failed"] else "")
+        table.add_row(
+            r["model"],
+            r["method"],
+            r["budget_label"],
+            seeds,
+            pm(r["accuracy"], r["accuracy_sd"], 100),
+            pm(r["accuracy_drop"], r["accuracy_drop_sd"], 100),
+            pm(r["robustness_drop"], r["robustness_drop_sd"], 100),
+            pm(r["compression"], None, 1, ".1f") + ("x" if r["compression"] else ""),
+            pm(r["file_bytes"], None, 1, ",.0f"),
+            pm(r["latency_ms"], r["latency_ms_sd"], 1, ".3f"),
+        )
+    return table
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from secateurs.bench import aggregate, load_grid, read_records, run_grid
+
+    grid = load_grid(args.grid)
+    out = Path(args.out) if args.out else Path("runs") / "bench" / f"{grid.name}.jsonl"
+    n_points = len(grid.all_points())
+    console.print(
+        f"[bold]secateurs bench[/bold] {grid.name!r}: {n_points} runs "
+        f"({len(grid.models)} models x {len(grid.datasets)} data sets x {len(grid.seeds)} seeds, "
+        f"dense + {sum(len(m.budgets) for m in grid.methods)} method points) -> {out}"
+    )
+
+    def on_record(record: dict[str, Any]) -> None:
+        if record["status"] == "ok":
+            console.print(
+                f"  [green]ok[/green] {record['key']}: top-1 {record['accuracy']:.2%}, "
+                f"{record['compression']:.1f}x, prune {record['prune_seconds']:.1f} s, "
+                f"fine-tune {record['finetune_seconds']:.1f} s",
+                highlight=False,
+            )
+        else:
+            last = (record["error"] or "").strip().splitlines()[-1:]
+            console.print(
+                f"  [red]failed[/red] {record['key']}: {last[0] if last else ''}", highlight=False
+            )
+
+    def on_message(text: str) -> None:
+        if not text.startswith("  "):
+            console.print(f"[bold]{text}[/bold]", highlight=False)
+
+    result = run_grid(
+        grid,
+        out,
+        cache_dir=args.cache_dir,
+        threads=args.threads,
+        on_record=on_record,
+        on_message=on_message,
+    )
+    if result.skipped:
+        console.print(f"  skipped {len(result.skipped)} run(s) already in {out}")
+    records = read_records(out)
+    console.print(_bench_table(aggregate(records), f"{grid.name}: mean ± sd over seeds"))
+    if result.failed:
+        console.print(f"  [red]{len(result.failed)} run(s) failed[/red]; tracebacks in {out}")
+    if args.report:
+        from secateurs.report.bench_html import write_bench_report
+
+        written = write_bench_report(records, Path(args.report))
+        console.print(f"  report: {written or args.report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="secateurs",
@@ -388,6 +471,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="a .sct file written by save_compressed or a recipe's export")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark grid (models x data sets x methods x budgets x seeds) from YAML",
+    )
+    p.add_argument("grid", help="path to the grid YAML (see benchmarks/grids/)")
+    p.add_argument("--out", help="results JSON Lines file (default runs/bench/<grid name>.jsonl)")
+    p.add_argument("--report", metavar="DIR", help="also write the HTML report to DIR")
+    p.add_argument("--cache-dir", help="dense model cache (default <out folder>/cache/bench)")
+    p.add_argument("--threads", type=int, help="torch CPU threads for the whole grid")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("methods", help="the registered methods, axis by axis, with recipe names")
     p.add_argument("--json", action="store_true", help="machine-readable output")

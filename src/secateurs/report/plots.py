@@ -99,3 +99,16 @@ def sensitivity_curves(history: Mapping[str, Any], ratios: Mapping[str, float], 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2 if len(curves) > 8 else 1)
     return _save(fig, path)
+
+
+def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
+    """``fig`` as PNG bytes, for embedding in a self-contained page.
+
+    The PNG's ``Software`` text chunk is left out, so the page holds no URL, not even one
+    inside an image.
+    """
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
+    return buffer.getvalue()
