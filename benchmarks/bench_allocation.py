@@ -15,10 +15,13 @@ Three parts, all on this machine's CPU:
   allocations that work on masks.
 * ``timing``: sensitivity analysis of LeNet-5 at 10 ratios, wall-clock seconds with 1 and 2
   worker processes.
+* ``latency``: the ``vgg`` results' architectures rebuilt and timed again in interleaved
+  rounds, for a machine that was busy while the ``vgg`` part ran.
 
     python benchmarks/bench_allocation.py --part vgg --seeds 0 1 2
     python benchmarks/bench_allocation.py --part lenet5 --seeds 0 1 2
     python benchmarks/bench_allocation.py --part timing
+    python benchmarks/bench_allocation.py --part latency     # after vgg, on a quiet machine
     python benchmarks/bench_allocation.py --quick          # a smoke test
 
 Writes ``benchmarks/results/allocation_<part>.json``; ``python benchmarks/tables.py`` renders
@@ -270,6 +273,52 @@ def timing_part(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def latency_part(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Re-measure the VGG-BN results' latency on a quiet machine, in interleaved rounds.
+
+    Latency depends on the architecture only, so each result is rebuilt from what its row
+    recorded (the ratio map of a search; uniform and global re-run on the cached dense model,
+    which is deterministic) and timed against the dense model round after round: a busy
+    moment then slows every model alike instead of one.
+    """
+    rows = []
+    for path in sorted(RESULTS.glob("allocation_vgg*.json")):
+        if not path.stem.endswith(("_quick", "_latency")):
+            rows += [r for r in json.loads(path.read_text())["rows"] if "accuracy" in r]
+    bundle = load_fashion_mnist()
+    example = torch.zeros(1, 1, 28, 28)
+    batch = torch.randn(args.latency_batch, 1, 28, 28)
+    models: dict[str, nn.Module] = {}
+    for r in rows:
+        dense = dense_model("vgg-bn", r["seed"], 4, bundle.loaders(128, seed=r["seed"])).eval()
+        models.setdefault(f"dense/{r['seed']}", dense)
+        allocation = r["search"]["ratios"] if r["search"] else r["method"]
+        keep = sc.MACs(1.0) if r["search"] else sc.MACs(args.keep)
+        models[f"{r['method']}/{r['seed']}"] = sc.shrink(
+            dense, example, keep, allocation=allocation
+        )
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(args.rounds):
+        for key, model in models.items():
+            ms = measure_latency(model, batch, warmup=2, repeats=args.repeats, threads=1)
+            times[key].append(ms.median_ms)
+    out = []
+    for key, values in times.items():
+        method, seed = key.split("/")
+        out.append(
+            {
+                "part": "latency",
+                "method": method,
+                "seed": int(seed),
+                "batch": args.latency_batch,
+                "latency_ms": statistics.median(values),
+                "rounds": values,
+            }
+        )
+        print(f"{method:<14} seed {seed}: {statistics.median(values):.2f} ms", flush=True)
+    return out
+
+
 def summarise(rows: list[dict[str, Any]]) -> None:
     done = [r for r in rows if "accuracy" in r]
     if not done:
@@ -296,7 +345,7 @@ def summarise(rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["vgg", "lenet5", "timing"], default="vgg")
+    parser.add_argument("--part", choices=["vgg", "lenet5", "timing", "latency"], default="vgg")
     all_methods = list(dict.fromkeys([*CHANNEL_METHODS, *ELEMENT_METHODS]))
     parser.add_argument("--methods", nargs="+", default=all_methods, choices=all_methods)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -307,6 +356,8 @@ def main() -> None:
     parser.add_argument("--amc-episodes", type=int, default=60)
     parser.add_argument("--netadapt", type=json.loads, default={}, help="NetAdapt options, JSON")
     parser.add_argument("--repeats", type=int, default=20, help="latency repeats")
+    parser.add_argument("--rounds", type=int, default=5, help="latency part: interleaved rounds")
+    parser.add_argument("--latency-batch", type=int, default=64, help="latency part: batch")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="1 seed, subsets, short searches")
     parser.add_argument("--verbose", action="store_true", help="print the searches' progress")
@@ -315,7 +366,8 @@ def main() -> None:
     if args.quick:
         args.seeds, args.amc_episodes, args.repeats = args.seeds[:1], 6, 3
     torch.set_num_threads(args.threads)
-    rows = timing_part(args) if args.part == "timing" else run_part(args, args.part)
+    parts = {"timing": timing_part, "latency": latency_part}
+    rows = parts[args.part](args) if args.part in parts else run_part(args, args.part)
     summarise(rows)
     suffix = "_quick" if args.quick else ""
     out = Path(args.out) if args.out else RESULTS / f"allocation_{args.part}{suffix}.json"
