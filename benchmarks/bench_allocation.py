@@ -22,6 +22,7 @@ Three parts, all on this machine's CPU:
     python benchmarks/bench_allocation.py --part lenet5 --seeds 0 1 2
     python benchmarks/bench_allocation.py --part timing
     python benchmarks/bench_allocation.py --part latency     # after vgg, on a quiet machine
+    python benchmarks/bench_allocation.py --part plot        # allocation_<part>.png
     python benchmarks/bench_allocation.py --quick          # a smoke test
 
 Writes ``benchmarks/results/allocation_<part>.json``; ``python benchmarks/tables.py`` renders
@@ -319,6 +320,52 @@ def latency_part(args: argparse.Namespace) -> list[dict[str, Any]]:
     return out
 
 
+def plot_part(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Accuracy after fine-tuning against MACs kept (VGG-BN) or nonzeros kept (LeNet-5), one
+    point per method with ± sd over seeds, and each search's cost: ``allocation_<part>.png``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    for part, size_key, label in (
+        ("vgg", "macs", "MACs kept (fraction of dense)"),
+        ("lenet5", "nonzeros", "nonzero parameters kept (fraction of dense)"),
+    ):
+        rows = []
+        for path in sorted(RESULTS.glob(f"allocation_{part}*.json")):
+            if not path.stem.endswith(("_quick", "_latency")):
+                rows += [r for r in json.loads(path.read_text())["rows"] if "accuracy" in r]
+        if not rows:
+            continue
+        fig = Figure(figsize=(10, 4), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax, cost = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        for i, m in enumerate(methods):
+            rs = [r for r in rows if r["method"] == m]
+            x = [r[size_key] / r[f"dense_{size_key}"] for r in rs]
+            y = [r["accuracy"] * 100 for r in rs]
+            sd = statistics.stdev(y) if len(y) > 1 else 0.0
+            ax.errorbar(
+                statistics.mean(x), statistics.mean(y), yerr=sd, fmt="o", capsize=3, label=m
+            )
+            cost.bar(i, statistics.mean(r["search_seconds"] for r in rs), label=m)
+        dense = statistics.mean({r["seed"]: r["dense_accuracy"] * 100 for r in rows}.values())
+        ax.axhline(dense, color="grey", ls="--", label="dense")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy after equal fine-tuning (%)")
+        ax.set_title(f"{rows[0]['model']}, {rows[0]['budget']}: mean ± sd over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        cost.set_xticks(range(len(methods)), methods, rotation=30, fontsize=8)
+        cost.set_yscale("log")
+        cost.set_ylabel("search time (s, log scale)")
+        cost.set_title("what finding the ratios costs")
+        out = RESULTS / f"allocation_{part}.png"
+        fig.savefig(out, dpi=100)
+        print(f"wrote {out}")
+    return []
+
+
 def summarise(rows: list[dict[str, Any]]) -> None:
     done = [r for r in rows if "accuracy" in r]
     if not done:
@@ -345,7 +392,8 @@ def summarise(rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["vgg", "lenet5", "timing", "latency"], default="vgg")
+    parts = ["vgg", "lenet5", "timing", "latency", "plot"]
+    parser.add_argument("--part", choices=parts, default="vgg")
     all_methods = list(dict.fromkeys([*CHANNEL_METHODS, *ELEMENT_METHODS]))
     parser.add_argument("--methods", nargs="+", default=all_methods, choices=all_methods)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -366,12 +414,13 @@ def main() -> None:
     if args.quick:
         args.seeds, args.amc_episodes, args.repeats = args.seeds[:1], 6, 3
     torch.set_num_threads(args.threads)
-    parts = {"timing": timing_part, "latency": latency_part}
+    parts = {"timing": timing_part, "latency": latency_part, "plot": plot_part}
     rows = parts[args.part](args) if args.part in parts else run_part(args, args.part)
     summarise(rows)
     suffix = "_quick" if args.quick else ""
     out = Path(args.out) if args.out else RESULTS / f"allocation_{args.part}{suffix}.json"
-    write_results(out, args, rows)
+    if args.part != "plot":
+        write_results(out, args, rows)
 
 
 if __name__ == "__main__":
