@@ -113,7 +113,13 @@ def csr_bytes(t: Tensor, index_bytes: int = 4) -> int:
     ``rows + 1`` row pointers of ``index_bytes`` each.
     """
     rows = t.shape[0] if t.dim() else 1
-    return _nonzeros(t) * (t.element_size() + index_bytes) + (rows + 1) * index_bytes
+    return csr_size(_nonzeros(t), rows, t.element_size(), index_bytes)
+
+
+def csr_size(nonzeros: int, rows: int, itemsize: int, index_bytes: int = 4) -> int:
+    """Bytes of CSR storage for ``nonzeros`` values over ``rows`` rows (see :func:`csr_bytes`),
+    for counting a layout without building it."""
+    return nonzeros * (itemsize + index_bytes) + (rows + 1) * index_bytes
 
 
 # --------------------------------------------------------------------------- results

@@ -419,16 +419,23 @@ def parse(raw: Any, source: str = "recipe") -> Recipe:
     return validate(_build_section(Recipe, raw, ""))
 
 
+def read_yaml(path: str | Path, what: str) -> tuple[Any, str]:
+    """The YAML data in ``path`` (a ``what`` file: recipe, grid) and how to name it in errors;
+    a missing file or bad YAML is a ConfigError."""
+    p = Path(path)
+    source = f"{what} file {str(p)!r}"
+    if not p.is_file():
+        raise ConfigError(f"{source} does not exist")
+    try:
+        return yaml.safe_load(p.read_text()), source
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
+
+
 def load(path: str | Path) -> Recipe:
     """Read and validate a recipe file (YAML; JSON is YAML too)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"recipe file {str(p)!r} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe file {str(p)!r} is not valid YAML: {exc}") from None
-    return parse(raw, source=f"recipe file {str(p)!r}")
+    raw, source = read_yaml(path, "recipe")
+    return parse(raw, source=source)
 
 
 def dump(recipe: Recipe) -> str:

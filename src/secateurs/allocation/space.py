@@ -36,7 +36,7 @@ from secateurs.budgets import Budget, Bytes, Latency, MACs, Params, Sparsity
 from secateurs.criteria import CRITERIA, Criterion, Magnitude
 from secateurs.errors import BudgetError, ConfigError
 from secateurs.graph.surgery import apply_plan_, mask_plan_, plan_from_removed
-from secateurs.metrics import Inputs, profile
+from secateurs.metrics import Inputs, csr_size, profile
 from secateurs.structures import NM, STRUCTURES, Elements, Structure
 from secateurs.targets import find_targets
 
@@ -252,7 +252,7 @@ class ElementSpace(LayerSpace):
             total = self._fixed_bytes
             for n, k in kept.items():
                 item = self._itemsize[n]
-                total += min(self._numel[n] * item, k * (item + 4) + (self._rows[n] + 1) * 4)
+                total += min(self._numel[n] * item, csr_size(k, self._rows[n], item))
             return float(total)
         raise ConfigError(f"{self.description} cannot count a {type(budget).__name__} budget")
 

@@ -36,12 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from secateurs.bench.corruptions import CORRUPTIONS, SEVERITIES
 from secateurs.bench.methods import BUDGET_KINDS, METHODS, BenchMethod, BudgetPoint
 from secateurs.bench.records import DENSE, make_key
 from secateurs.errors import ConfigError
+from secateurs.recipe import read_yaml
 from secateurs.registry import build_dataclass
 
 
@@ -451,11 +450,5 @@ def parse_grid(raw: Any, source: str = "grid") -> Grid:
 
 def load_grid(path: str | Path) -> Grid:
     """Read and validate the grid YAML at ``path``."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"grid file {str(p)!r} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"grid file {str(p)!r} is not valid YAML: {exc}") from None
-    return parse_grid(raw, source=f"grid file {str(p)!r}")
+    raw, source = read_yaml(path, "grid")
+    return parse_grid(raw, source=source)
