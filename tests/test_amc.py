@@ -148,19 +148,33 @@ def test_same_seed_same_result_and_another_seed_differs() -> None:
 # --------------------------------------------------------------- accuracy-guaranteed
 
 
-def test_accuracy_protocol_rewards_minus_error_times_log_macs_without_clamp() -> None:
+@pytest.mark.parametrize("clamp", [True, False])
+def test_accuracy_protocol_rewards_minus_error_times_log_macs(clamp: bool) -> None:
     model = make_convs()
     result = sc.search_allocation(
-        model, X, sc.MACs(0.2), {**FAST, "protocol": "accuracy"}, data=_batches(model, X)
+        model,
+        X,
+        sc.MACs(0.2),
+        {**FAST, "protocol": "accuracy", "clamp": clamp},
+        data=_batches(model, X),
     )
     episodes = result.history["episodes"]
     assert result.history["protocol"] == "accuracy"
     assert result.unit == "MACs"
     for e in episodes:
         assert e["reward"] == pytest.approx(-(1.0 - e["score"]) * math.log(e["value"]))
-    # no clamp: random warm-up actions leave more MACs than MACs(0.2) allows
-    assert any(e["value"] > result.limit for e in episodes)
     assert result.value == ChannelSpace(model, X).measure(sc.MACs(0.2), result.ratios)
+    if clamp:  # the named budget is a ceiling for every episode
+        assert all(e["value"] <= result.limit for e in episodes)
+    else:  # the paper's unconstrained search: random warm-up actions leave more MACs
+        assert any(e["value"] > result.limit for e in episodes)
+
+
+def test_the_resource_protocol_cannot_drop_the_clamp() -> None:
+    with pytest.raises(ConfigError, match="clamp=false needs protocol 'accuracy'"):
+        AMC(clamp=False)
+    with pytest.raises(ConfigError, match="clamp must be true or false"):
+        AMC(protocol="accuracy", clamp="no")  # type: ignore[arg-type]
 
 
 def test_accuracy_protocol_on_a_kept_fraction_counts_kept_weights() -> None:

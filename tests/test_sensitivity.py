@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -287,6 +288,97 @@ def test_shrink_ratio_map_errors() -> None:
         sc.shrink(model, X_CNN, sc.MACs(0.9), allocation={"conv1": 0.1}, steps=2)
     with pytest.raises(ConfigError, match=r"in \[0, 1\)"):
         sc.shrink(model, X_CNN, sc.MACs(0.9), allocation={"conv1": 1.5})
+
+
+# ------------------------------------------------------------------------------- adaptive BatchNorm
+
+
+def _bn_net(channels: int, seed: int) -> nn.Sequential:
+    """conv -> BN -> ReLU -> dropout -> classifier, its BN statistics deliberately wrong."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, channels, 3, padding=1),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Flatten(),
+        nn.Linear(channels * 16, 4),
+    )
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-3, 3)
+        net[1].running_var.uniform_(5, 50)
+        net[1].num_batches_tracked.fill_(123)
+    return net
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 4), st.booleans(), st.integers(0, 50))
+def test_batchnorm_recalibration_measures_the_model_and_puts_everything_back(
+    channels: int, n_batches: int, training: bool, seed: int
+) -> None:
+    """Inside the block each BN layer holds its input's statistics over the batches (mean of
+    the batch means, of the unbiased batch variances), dropout stays off; afterwards the
+    buffers, momentum and every module's mode are exactly as before."""
+    from secateurs.calibration import batchnorm_recalibrated
+
+    net = _bn_net(channels, seed)
+    net.train(training)
+    before = snapshot(net)
+    modes = [m.training for m in net.modules()]
+    g = torch.Generator().manual_seed(seed)
+    data = [(torch.randn(8, 3, 4, 4, generator=g), torch.zeros(8)) for _ in range(n_batches)]
+    with torch.no_grad():
+        feats = [net[0](x) for x, _ in data]
+    mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
+    var = torch.stack([f.transpose(0, 1).flatten(1).var(1) for f in feats]).mean(0)
+    with batchnorm_recalibrated(net, data) as inside:
+        assert inside is net
+        torch.testing.assert_close(net[1].running_mean, mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(net[1].running_var, var, rtol=1e-4, atol=1e-5)
+        assert [m.training for m in net.modules()] == modes
+    assert _same_state(net, before)
+    assert net[1].momentum == 0.1
+    assert [m.training for m in net.modules()] == modes
+
+
+def test_batchnorm_recalibration_leaves_a_model_without_bn_alone_and_refuses_no_data() -> None:
+    from secateurs.calibration import batchnorm_recalibrated
+
+    model = make_mlp()
+    before = snapshot(model)
+    with batchnorm_recalibrated(model, []) as inside:
+        assert inside is model
+    assert _same_state(model, before)
+    net = _bn_net(3, 0)
+    before = snapshot(net)
+    with pytest.raises(DataError, match="at least one"), batchnorm_recalibrated(net, []):
+        pass
+    assert _same_state(net, before) and net[1].momentum == 0.1
+
+
+def test_the_evaluator_scores_with_recalibrated_statistics_and_restores_them() -> None:
+    """Wrong BN statistics ruin the plain score; ``adapt_bn`` scores the model as its data
+    sees it (here: labels from the model with correct statistics, so the score is 1)."""
+    from secateurs.allocation.search import accuracy_evaluator
+
+    net = _bn_net(4, 1).eval()
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(64, 3, 4, 4, generator=g) for _ in range(2)]
+    with torch.no_grad():
+        true = copy.deepcopy(net)
+        true[1].reset_running_stats()
+        true[1].momentum = None
+        true.train()
+        for x in xs:
+            true(x)
+        true.eval()
+        data = [(x, true(x).argmax(1)) for x in xs]
+    before = snapshot(net)
+    adapted = accuracy_evaluator(data)(net)
+    plain = accuracy_evaluator(data, adapt_bn=False)(net)
+    assert adapted == 1.0
+    assert plain < 0.9
+    assert _same_state(net, before)
 
 
 # ------------------------------------------------------------------------------- recipes and CLI

@@ -1,13 +1,18 @@
-"""Collect what a data-driven criterion needs from calibration batches.
+"""What calibration batches tell about a model: criterion statistics and BatchNorm statistics.
 
 Gradients are taken with ``torch.autograd.grad`` with respect to the targets' raw parameters,
 so the user's ``.grad`` fields, optimizer and BatchNorm running statistics are left untouched
 (the model runs in eval mode and is put back in its previous mode afterwards).
+
+:func:`batchnorm_recalibrated` re-estimates BatchNorm running statistics of a pruned model on
+calibration batches for the duration of a block (adaptive BatchNorm), so that a candidate is
+scored as it would be after fine-tuning starts, not with the dense model's statistics.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -16,7 +21,7 @@ from torch.nn.utils import parametrize
 
 from secateurs.criteria.base import Criterion
 from secateurs.errors import ConfigError, DataError
-from secateurs.metrics import EvalMode
+from secateurs.metrics import EvalMode, _call, _device_of, _to
 from secateurs.targets import Target
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -114,3 +119,59 @@ def _split(batch: Any) -> tuple[Any, Any]:
         "calibration batches must be (inputs, labels) pairs as a DataLoader over a "
         f"TensorDataset yields; got {type(batch).__name__}"
     )
+
+
+@contextmanager
+def batchnorm_recalibrated(
+    model: nn.Module, data: Iterable[Any], max_batches: int | None = None
+) -> Iterator[nn.Module]:
+    """``model`` with its BatchNorm running statistics re-estimated on ``data``, until the
+    block ends (then the statistics, momenta and modes are put back exactly).
+
+    Removing channels or weights shifts the distribution each BatchNorm layer normalises; with
+    the dense model's statistics a pruned VGG scores near chance before any training, and the
+    scores of different candidates stop saying which one will recover best. Re-estimating the
+    statistics, with no gradient step, restores that link (adaptive BatchNorm, Li et al. 2020,
+    "EagleEye"). Each BatchNorm layer is reset and averaged cumulatively (``momentum=None``)
+    over the first ``max_batches`` batches (all by default) of ``(inputs, labels)`` pairs, with
+    only the BatchNorm layers in training mode (dropout stays off). A model without
+    BatchNorm (or with ``track_running_stats=False``) is yielded unchanged.
+    """
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    if not norms:
+        yield model
+        return
+    saved = [
+        (m, m.momentum, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)})
+        for m in norms
+    ]
+    device = _device_of(model)
+    try:
+        with EvalMode(model), torch.no_grad():
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
+            seen = 0
+            for batch in data:
+                if max_batches is not None and seen >= max_batches:
+                    break
+                inputs, _ = _split(batch)
+                _call(model, _to(inputs, device))
+                seen += 1
+            if seen == 0:
+                raise DataError(
+                    "BatchNorm recalibration needs at least one (inputs, labels) batch; the "
+                    "calibration data yielded none"
+                )
+        yield model
+    finally:
+        with torch.no_grad():
+            for m, momentum, buffers in saved:
+                m.momentum = momentum
+                for k, b in m.named_buffers(recurse=False):
+                    b.copy_(buffers[k])

@@ -15,9 +15,11 @@ Two protocols, as in the paper:
   is not in the reward but enforced by the action space: each action is raised to the
   smallest ratio for which the layers still to come, pruned as far as they may, can meet the
   budget (AMC's clamp), so every episode's map meets it.
-* ``accuracy`` (accuracy-guaranteed): no clamp; the reward ``-error * log(MACs)`` trades
-  accuracy for size (with another budget, its quantity stands for MACs), and the budget's
-  quantity of each map is only reported.
+* ``accuracy`` (accuracy-guaranteed): the reward ``-error * log(MACs)`` trades accuracy for
+  size (with another budget, its quantity stands for MACs), so the agent goes below the budget
+  where that costs little accuracy. The named budget is still a ceiling, met by the same clamp;
+  ``clamp=False`` gives the paper's unconstrained search, where the budget's quantity of each
+  map is only reported.
 
 Here ``error = 1 - score``, the score being what the evaluation returns (an accuracy, higher
 is better). As in AMC's code, the first ``warmup`` episodes take uniform random actions to fill
@@ -68,7 +70,9 @@ class AMC(AllocationSearch):
 
     ``episodes``: episodes in all, the first ``warmup`` of them with random actions (AMC: 100
     warm-up). ``protocol``: ``"resource"`` (reward ``-error``; the budget is met by clamping
-    each action) or ``"accuracy"`` (reward ``-error * log(MACs)``, no clamp). ``hidden``: the
+    each action) or ``"accuracy"`` (reward ``-error * log(MACs)``). ``clamp``: enforce the
+    budget by clamping actions (always, for ``resource``; ``False`` lets the accuracy protocol
+    search without a ceiling, as in the paper). ``hidden``: the
     widths of the hidden layers of the actor and of the critic (AMC: 300, 300). ``actor_lr``,
     ``critic_lr``: Adam learning rates (AMC: 1e-4, 1e-3). ``gamma``: discount (AMC: 1, the
     reward arrives at the episode's end for every step). ``tau``: soft update of the target
@@ -83,6 +87,7 @@ class AMC(AllocationSearch):
     episodes: int = 400
     warmup: int = 100
     protocol: str = "resource"
+    clamp: bool = True
     hidden: Sequence[int] = (300, 300)
     actor_lr: float = 1e-4
     critic_lr: float = 1e-3
@@ -116,6 +121,13 @@ class AMC(AllocationSearch):
                 f"{self.hidden!r}"
             )
         self.hidden = tuple(hidden)
+        if not isinstance(self.clamp, bool):
+            raise ConfigError(f"amc clamp must be true or false; got {self.clamp!r}")
+        if not self.clamp and self.protocol == "resource":
+            raise ConfigError(
+                "amc clamp=false needs protocol 'accuracy': the resource-constrained protocol "
+                "meets its budget only through the clamp (its reward ignores size)"
+            )
         _real("actor_lr", self.actor_lr, 0.0, math.inf, low_open=True)
         _real("critic_lr", self.critic_lr, 0.0, math.inf, low_open=True)
         _real("gamma", self.gamma, 0.0, 1.0)
@@ -131,7 +143,7 @@ class AMC(AllocationSearch):
         layers = space.layers
         limit = space.limit(budget)
         unit = space.unit(budget)
-        clamp = self.protocol == "resource"
+        clamp = self.clamp
         static = _static_features(layers)
         agent = _Agent(static.shape[1] + 3, self, gen)
         dense = space.measure(budget, {})

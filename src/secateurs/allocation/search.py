@@ -134,13 +134,20 @@ def accuracy_evaluator(
     metric: str = "accuracy",
     batches: int | None = None,
     loss_fn: LossFn | None = None,
+    adapt_bn: bool = True,
 ) -> Evaluator:
     """An evaluator over a held-out calibration split of ``(inputs, labels)`` batches.
 
     ``metric``: ``accuracy`` (top-1) or ``loss`` (the score is minus the mean loss, so higher
     stays better). The first ``batches`` batches (all by default) are kept in memory once, so
-    every evaluation sees the same examples.
+    every evaluation sees the same examples. ``adapt_bn``: before each evaluation, re-estimate
+    the BatchNorm statistics on those batches (restored afterwards; see
+    :func:`~secateurs.calibration.batchnorm_recalibrated`). Without it a VGG-BN with half its
+    MACs removed scores near chance whatever the ratios, and the searches have nothing to go
+    on; with it the score ranks candidates by how they do after fine-tuning.
     """
+    from secateurs.calibration import batchnorm_recalibrated
+
     if metric not in ("accuracy", "loss"):
         raise ConfigError(f"metric must be 'accuracy' or 'loss'; got {metric!r}")
     kept = []
@@ -155,7 +162,11 @@ def accuracy_evaluator(
         )
 
     def run(model: nn.Module) -> float:
-        result = evaluate(model, kept, loss_fn=loss_fn)
+        if adapt_bn:
+            with batchnorm_recalibrated(model, kept):
+                result = evaluate(model, kept, loss_fn=loss_fn)
+        else:
+            result = evaluate(model, kept, loss_fn=loss_fn)
         return result.accuracy if metric == "accuracy" else -result.loss
 
     return run
@@ -176,6 +187,7 @@ def search_allocation(
     finetune: Finetuner | None = None,
     progress: Progress | None = None,
     seed: int = 0,
+    adapt_bn: bool = True,
     **space_options: Any,
 ) -> SearchResult:
     """Find per-layer ratios that meet ``budget`` by sensitivity analysis, AMC or NetAdapt.
@@ -184,7 +196,9 @@ def search_allocation(
     ``criterion``, ``max_ratio``, ``round_to``, ``ignored_layers``) or ``"elements"`` (masks;
     options of :class:`ElementSpace`: ``structure``, ``criterion``, ``include``, ``exclude``),
     or a space already built. ``evaluate(model) -> score`` (higher is better) defaults to top-1
-    accuracy on ``data``, a held-out calibration split. ``finetune(model, steps)`` is needed
+    accuracy on ``data``, a held-out calibration split, with the BatchNorm statistics of each
+    candidate re-estimated on it first (``adapt_bn``; see :func:`accuracy_evaluator`).
+    ``finetune(model, steps)`` is needed
     by NetAdapt. The model is left as it was, also when the search fails.
 
     Use the result with ``sc.shrink(model, x, budget, allocation=result.ratios)`` (channels)
@@ -198,7 +212,7 @@ def search_allocation(
                 "a search needs to evaluate candidates: pass data=<held-out (inputs, labels) "
                 "batches> or evaluate=<callable(model) -> score>"
             )
-        evaluate = accuracy_evaluator(data)
+        evaluate = accuracy_evaluator(data, adapt_bn=adapt_bn)
     if searcher.needs_finetune and finetune is None:
         raise ConfigError(
             f"{searcher.registry_name} fine-tunes each candidate: pass finetune=<callable("
