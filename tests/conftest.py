@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -13,6 +13,16 @@ def make_mlp(seed: int = 0) -> nn.Sequential:
     """Linear(16, 32) -> ReLU -> Linear(32, 8); ``seed`` fixes the initial weights."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run a test on one intra-op thread (timings and searches comparable across loads), then
+    put the previous thread count back. Use with ``pytestmark = pytest.mark.usefixtures``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 class TinyCNN(nn.Module):

@@ -61,9 +61,7 @@ def _zero_rows(model: nn.Sequential) -> float:
     return float((w.abs().sum(1) == 0).float().mean())
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------ the budget

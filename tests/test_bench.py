@@ -6,13 +6,11 @@ import copy
 import json
 import sys
 import types
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-import torch
 from torch import nn
 
 import secateurs
@@ -36,13 +34,7 @@ from secateurs.bench.records import new_record
 from secateurs.cli import main
 from secateurs.errors import ConfigError, DataError
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @METHODS.register("crash_for_tests")

@@ -4,7 +4,6 @@ paper's schedule says (short per candidate, long once), the original model untou
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,14 +25,13 @@ X = torch.randn(1, 3, 8, 8)
 X_LATENCY = torch.randn(1, 3, 32, 32)
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
-def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """One thread, and the latency cache in a temporary directory."""
+def latency_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The latency cache in a temporary directory."""
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def convnet(seed: int = 0) -> nn.Sequential:
