@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,7 +24,12 @@ from rich.table import Table
 
 from secateurs.errors import SecateursError
 
+#: Piped or redirected output (CI logs, ``> file``) gets wide lines rather than rich's
+#: 80-column default, so result tables keep every column; ``COLUMNS`` still overrides.
+_PIPED_WIDTH = 200
 console = Console()
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    console = Console(width=_PIPED_WIDTH)
 
 
 def _axes() -> dict[str, Any]:
