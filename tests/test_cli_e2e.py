@@ -19,6 +19,17 @@ def run_cli(*args: str) -> int:
     return cli.main(list(args))
 
 
+@pytest.mark.parametrize(
+    "command", [[], ["demo"], ["run"], ["sensitivity"], ["summary"], ["inspect"], ["bench"]]
+)
+def test_every_help_page_prints(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """``--help`` of the tool and of each subcommand (argparse %-formats help strings)."""
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(*command, "--help")
+    assert exit_.value.code == 0
+    assert "usage: secateurs" in capsys.readouterr().out
+
+
 def test_methods_json_lists_every_axis(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("methods", "--json") == 0
     rows = json.loads(capsys.readouterr().out)

@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
-        "demo", help="LeNet-5 on Fashion-MNIST: train, prune to 95%, fine-tune, report"
+        "demo", help="LeNet-5 on Fashion-MNIST: train, prune to 95%%, fine-tune, report"
     )
     p.add_argument("--out", help="output directory (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a small subset and few epochs (~30 s)")
