@@ -122,9 +122,7 @@ def _split(batch: Any) -> tuple[Any, Any]:
 
 
 @contextmanager
-def batchnorm_recalibrated(
-    model: nn.Module, data: Iterable[Any], max_batches: int | None = None
-) -> Iterator[nn.Module]:
+def batchnorm_recalibrated(model: nn.Module, data: Iterable[Any]) -> Iterator[nn.Module]:
     """``model`` with its BatchNorm running statistics re-estimated on ``data``, until the
     block ends (then the statistics, momenta and modes are put back exactly).
 
@@ -133,7 +131,7 @@ def batchnorm_recalibrated(
     scores of different candidates stop saying which one will recover best. Re-estimating the
     statistics, with no gradient step, restores that link (adaptive BatchNorm, Li et al. 2020,
     "EagleEye"). Each BatchNorm layer is reset and averaged cumulatively (``momentum=None``)
-    over the first ``max_batches`` batches (all by default) of ``(inputs, labels)`` pairs, with
+    over every batch of ``(inputs, labels)`` pairs in ``data``, with
     only the BatchNorm layers in training mode (dropout stays off). A model without
     BatchNorm (or with ``track_running_stats=False``) is yielded unchanged.
     """
@@ -158,8 +156,6 @@ def batchnorm_recalibrated(
                 m.train()
             seen = 0
             for batch in data:
-                if max_batches is not None and seen >= max_batches:
-                    break
                 inputs, _ = _split(batch)
                 _call(model, _to(inputs, device))
                 seen += 1

@@ -143,7 +143,6 @@ class AMC(AllocationSearch):
         layers = space.layers
         limit = space.limit(budget)
         unit = space.unit(budget)
-        clamp = self.clamp
         static = _static_features(layers)
         agent = _Agent(static.shape[1] + 3, self, gen)
         dense = space.measure(budget, {})
@@ -158,14 +157,14 @@ class AMC(AllocationSearch):
                 state = self._state(space, budget, static[t], ratios, layers[t:], dense, previous)
                 action = self._act(agent, state, episode, gen)
                 ratio = min(action * self.max_ratio, layer.max_ratio)
-                if clamp:
+                if self.clamp:
                     ratio = _clamp(space, budget, limit, ratios, layer, layers[t + 1 :], ratio)
                 ratios[layer.name] = ratio
                 states.append(state)
                 actions.append(action)
                 previous = ratio
             value = space.measure(budget, ratios)
-            if clamp and value > limit * (1 + 1e-9):
+            if self.clamp and value > limit * (1 + 1e-9):
                 raise BudgetError(  # the clamp makes this unreachable for a monotone measure
                     f"amc episode {episode} left {value:,.4g} {unit} (allowed {limit:,.4g}): the "
                     f"budget's measure is not monotone in the ratios of this space"

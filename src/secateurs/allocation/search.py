@@ -18,6 +18,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -162,10 +163,7 @@ def accuracy_evaluator(
         )
 
     def run(model: nn.Module) -> float:
-        if adapt_bn:
-            with batchnorm_recalibrated(model, kept):
-                result = evaluate(model, kept, loss_fn=loss_fn)
-        else:
+        with batchnorm_recalibrated(model, kept) if adapt_bn else nullcontext():
             result = evaluate(model, kept, loss_fn=loss_fn)
         return result.accuracy if metric == "accuracy" else -result.loss
 
