@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from secateurs.allocation.base import check_sparsity
+from secateurs.checks import check_sparsity
 from secateurs.errors import BudgetError, ConfigError
 from secateurs.registry import Registry
 from secateurs.targets import Target

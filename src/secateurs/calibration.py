@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 
 from secateurs.criteria.base import Criterion
 from secateurs.errors import ConfigError, DataError
-from secateurs.metrics import EvalMode, _call, _device_of, _to
+from secateurs.running import EvalMode, call, device_of, split_batch, to_device
 from secateurs.targets import Target
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -99,7 +99,7 @@ def _batch_gradients(
         for batch in data:
             if seen >= max_batches:
                 break
-            inputs, labels = _split(batch)
+            inputs, labels = split_batch(batch)
             with torch.enable_grad():
                 tensors = wrt()
                 loss = loss_fn(model(inputs), labels)
@@ -110,15 +110,6 @@ def _batch_gradients(
             seen += 1
     if seen == 0:
         raise DataError("calibration data is empty: the loader yielded no batch")
-
-
-def _split(batch: Any) -> tuple[Any, Any]:
-    if isinstance(batch, (list, tuple)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise DataError(
-        "calibration batches must be (inputs, labels) pairs as a DataLoader over a "
-        f"TensorDataset yields; got {type(batch).__name__}"
-    )
 
 
 @contextmanager
@@ -147,7 +138,7 @@ def batchnorm_recalibrated(model: nn.Module, data: Iterable[Any]) -> Iterator[nn
         (m, m.momentum, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)})
         for m in norms
     ]
-    device = _device_of(model)
+    device = device_of(model)
     try:
         with EvalMode(model), torch.no_grad():
             for m in norms:
@@ -156,8 +147,8 @@ def batchnorm_recalibrated(model: nn.Module, data: Iterable[Any]) -> Iterator[nn
                 m.train()
             seen = 0
             for batch in data:
-                inputs, _ = _split(batch)
-                _call(model, _to(inputs, device))
+                inputs, _ = split_batch(batch)
+                call(model, to_device(inputs, device))
                 seen += 1
             if seen == 0:
                 raise DataError(

@@ -12,7 +12,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
@@ -21,11 +21,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from secateurs.errors import ConfigError, DataError, ModelError, SecateursError
+from secateurs.errors import ConfigError, DataError, ModelError
+from secateurs.running import (
+    EvalMode,
+    Inputs,
+    call,
+    device_of,
+    first_tensor,
+    run_example,
+    to_device,
+)
 from secateurs.targets import DEFAULT_TARGETS
-
-#: What a model is called with: one tensor, positional tensors, or keyword tensors.
-Inputs = Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any]
 
 #: Modules that own parameters but perform no weight multiply-accumulates (lookups and
 #: normalisations); profiled, they count 0 MACs rather than "unknown".
@@ -246,66 +252,6 @@ def _attention_macs(
     out_w = module.out_proj.weight
     out = (b * lq * out_w.numel(), b * lq * _nonzeros(out_w))
     return (dense + attention, nonzero + attention), out
-
-
-def _call(model: nn.Module, example_inputs: Inputs) -> Any:
-    """Run ``model`` on inputs given as a tensor, a tuple/list (positional) or a mapping."""
-    if isinstance(example_inputs, Tensor):
-        return model(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    if isinstance(example_inputs, Mapping):
-        return model(**example_inputs)
-    raise ConfigError(
-        f"example_inputs must be a Tensor, a tuple of tensors or a mapping of keyword tensors; "
-        f"got {type(example_inputs).__name__}"
-    )
-
-
-def _forward_error(
-    model: nn.Module,
-    example_inputs: Inputs,
-    exc: Exception,
-    hint: str = "a batch of one real example is enough",
-) -> ModelError:
-    shapes = (
-        tuple(example_inputs.shape)
-        if isinstance(example_inputs, Tensor)
-        else type(example_inputs).__name__
-    )
-    return ModelError(
-        f"{type(model).__name__} failed on the example inputs ({shapes}): {exc}. Pass inputs "
-        f"the model accepts, on the model's device ({hint})."
-    )
-
-
-def run_example(
-    model: nn.Module, example_inputs: Inputs, hint: str = "a batch of one real example is enough"
-) -> Any:
-    """Run ``model`` once on ``example_inputs`` in eval mode without gradients (each module's
-    mode restored after); a failure is a :class:`ModelError` naming the inputs and ``hint``."""
-    with EvalMode(model), torch.no_grad():
-        try:
-            return _call(model, example_inputs)
-        except SecateursError:
-            raise
-        except Exception as exc:
-            raise _forward_error(model, example_inputs, exc, hint) from exc
-
-
-class EvalMode:
-    """Put every module in eval mode and restore each module's own mode afterwards."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.modes = [(m, m.training) for m in model.modules()]
-
-    def __enter__(self) -> None:
-        self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for m, mode in self.modes:
-            m.training = mode
 
 
 def _measure_macs(model: nn.Module, example_inputs: Inputs) -> dict[str, _Macs]:
@@ -543,13 +489,6 @@ class LatencyResult:
     threads: int
 
 
-def _first_tensor(inputs: Inputs) -> Tensor | None:
-    if isinstance(inputs, Tensor):
-        return inputs
-    values = inputs.values() if isinstance(inputs, Mapping) else inputs
-    return next((v for v in values if isinstance(v, Tensor)), None)
-
-
 def measure_latency(
     model: nn.Module,
     example_inputs: Inputs,
@@ -572,7 +511,7 @@ def measure_latency(
         raise ConfigError(f"warmup must be 0 or more; got {warmup}")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be a positive number of CPU threads; got {threads}")
-    first = _first_tensor(example_inputs)
+    first = first_tensor(example_inputs)
     sync: Callable[[], None] = (
         torch.cuda.synchronize if first is not None and first.is_cuda else (lambda: None)
     )
@@ -586,7 +525,7 @@ def measure_latency(
             for i in range(warmup + repeats):
                 sync()
                 start = time.perf_counter()
-                _call(model, example_inputs)
+                call(model, example_inputs)
                 sync()
                 if i >= warmup:
                     times.append((time.perf_counter() - start) * 1000.0)
@@ -627,24 +566,6 @@ class EvalResult:
         return self.accuracy
 
 
-def _device_of(model: nn.Module) -> torch.device | None:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return None
-
-
-def _to(x: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return x
-    if isinstance(x, Tensor):
-        return x.to(device)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    if isinstance(x, Mapping):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
-
-
 def evaluate(
     model: nn.Module,
     loader: Iterable[Any],
@@ -660,7 +581,7 @@ def evaluate(
     length of the per-class lists (default: the model's output width). Runs under
     ``torch.no_grad`` in eval mode and restores each module's mode.
     """
-    device = _device_of(model)
+    device = device_of(model)
     correct = torch.zeros(num_classes or 0, dtype=torch.long)
     count = torch.zeros(num_classes or 0, dtype=torch.long)
     total_loss, top5_hits, n, width = 0.0, 0, 0, 0
@@ -671,8 +592,8 @@ def evaluate(
                     "evaluate expects a loader of (inputs, labels) pairs; got a batch of type "
                     f"{type(batch).__name__}"
                 )
-            inputs, labels = _to(batch[0], device), _to(batch[1], device)
-            out = _call(model, inputs)
+            inputs, labels = to_device(batch[0], device), to_device(batch[1], device)
+            out = call(model, inputs)
             if not isinstance(out, Tensor) or out.dim() != 2:
                 raise ModelError(
                     "evaluate needs the model to return logits of shape [batch, classes]; got "

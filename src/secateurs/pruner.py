@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from secateurs.allocation import ALLOCATIONS, Allocation, Global, check_sparsity, select_lowest
+from secateurs.allocation import ALLOCATIONS, Allocation, Global, select_lowest
 from secateurs.budgets import BUDGETS, Budget, Sparsity
 from secateurs.calibration import LossFn, calibrate, dense_gradients
+from secateurs.checks import check_sparsity
 from secateurs.criteria import CRITERIA, Criterion, Magnitude
 from secateurs.errors import ConfigError
 from secateurs.graph.importance import ChannelCriterion

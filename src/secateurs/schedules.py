@@ -22,23 +22,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
-from secateurs.allocation.base import check_sparsity
+from secateurs.checks import check_fraction, check_int, check_sparsity
 from secateurs.errors import ConfigError
 from secateurs.registry import Registry
 
 SCHEDULES: Registry[Schedule] = Registry("schedule")
-
-
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    return value
-
-
-def _check_fraction(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ConfigError(f"{name} must be a number in (0, 1); got {value!r}")
-    return float(value)
 
 
 # --------------------------------------------------------------------------- events
@@ -122,7 +110,7 @@ class OneShot(Schedule):
     at: int = 0
 
     def __post_init__(self) -> None:
-        _check_int(self.at, "OneShot at", 0)
+        check_int(self.at, "OneShot at", 0)
 
     def sparsity_at(self, step: int, final: float) -> float | None:
         return final if step == self.at else None
@@ -145,9 +133,9 @@ class Iterative(Schedule):
     start: int = 0
 
     def __post_init__(self) -> None:
-        _check_int(self.rounds, "Iterative rounds", 1)
-        _check_int(self.every, "Iterative every", 1)
-        _check_int(self.start, "Iterative start", 0)
+        check_int(self.rounds, "Iterative rounds", 1)
+        check_int(self.every, "Iterative every", 1)
+        check_int(self.start, "Iterative start", 0)
 
     def sparsity_at(self, step: int, final: float) -> float | None:
         offset = step - self.start
@@ -177,9 +165,9 @@ class Gradual(Schedule):
     initial: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_int(self.start, "Gradual start", 0)
-        _check_int(self.every, "Gradual every", 1)
-        _check_int(self.end, "Gradual end", self.start + 1)
+        check_int(self.start, "Gradual start", 0)
+        check_int(self.every, "Gradual every", 1)
+        check_int(self.end, "Gradual end", self.start + 1)
         self.initial = check_sparsity(self.initial, "Gradual initial")
 
     def sparsity_at(self, step: int, final: float) -> float | None:
@@ -213,16 +201,16 @@ class Lottery(Schedule):
     rounds: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int(self.every, "Lottery every", 1)
-        self.rate = _check_fraction(self.rate, "Lottery rate")
-        _check_int(self.rewind, "Lottery rewind", 0)
+        check_int(self.every, "Lottery every", 1)
+        self.rate = check_fraction(self.rate, "Lottery rate")
+        check_int(self.rewind, "Lottery rewind", 0)
         if self.rewind >= self.every:
             raise ConfigError(
                 f"Lottery rewind step {self.rewind} is not before the first round at step "
                 f"{self.every}; rewind to an earlier step or prune later"
             )
         if self.rounds is not None:
-            _check_int(self.rounds, "Lottery rounds", 1)
+            check_int(self.rounds, "Lottery rounds", 1)
 
     def round_count(self, final: float) -> int:
         if self.rounds is not None:
@@ -272,9 +260,9 @@ class _SparseFromStart(Schedule):
     moves_weights = True
 
     def __post_init__(self) -> None:
-        _check_int(self.every, f"{type(self).__name__} every", 1)
-        _check_int(self.end, f"{type(self).__name__} end", 1)
-        self.fraction = _check_fraction(self.fraction, f"{type(self).__name__} fraction")
+        check_int(self.every, f"{type(self).__name__} every", 1)
+        check_int(self.end, f"{type(self).__name__} end", 1)
+        self.fraction = check_fraction(self.fraction, f"{type(self).__name__} fraction")
         if self.distribution not in ("erk", "uniform"):
             raise ConfigError(
                 f"{type(self).__name__} distribution {self.distribution!r} is unknown; "
@@ -346,8 +334,8 @@ class DSD(Schedule):
     end: int = 1000
 
     def __post_init__(self) -> None:
-        _check_int(self.start, "DSD start", 0)
-        _check_int(self.end, "DSD end", self.start + 1)
+        check_int(self.start, "DSD start", 0)
+        check_int(self.end, "DSD end", self.start + 1)
 
     def sparsity_at(self, step: int, final: float) -> float | None:
         return final if step == self.start else None
@@ -374,10 +362,10 @@ class IHT(Schedule):
     start: int = 0
 
     def __post_init__(self) -> None:
-        _check_int(self.sparse, "IHT sparse", 1)
-        _check_int(self.dense, "IHT dense", 1)
-        _check_int(self.cycles, "IHT cycles", 1)
-        _check_int(self.start, "IHT start", 0)
+        check_int(self.sparse, "IHT sparse", 1)
+        check_int(self.dense, "IHT dense", 1)
+        check_int(self.cycles, "IHT cycles", 1)
+        check_int(self.start, "IHT start", 0)
 
     def sparsity_at(self, step: int, final: float) -> float | None:
         offset = step - self.start

@@ -29,15 +29,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from secateurs.allocation.base import check_sparsity
 from secateurs.budgets import BUDGETS, Budget, Bytes, Latency, MACs, Params, Sparsity
 from secateurs.calibration import LossFn
+from secateurs.checks import check_sparsity
 from secateurs.criteria import CRITERIA, Criterion, Magnitude
 from secateurs.errors import BudgetError, ConfigError, SecateursError
 from secateurs.graph.groups import ChannelGraph, ChannelGroup, build_graph
 from secateurs.graph.importance import ChannelContext, ChannelCriterion, channel_scores
 from secateurs.graph.surgery import ChannelPlan, apply_plan_, check_forward, plan_from_removed
-from secateurs.metrics import Inputs, run_example
+from secateurs.running import Inputs, run_example
 
 StructuralBudget = Sparsity | Params | MACs | Bytes | Latency
 ALLOCATIONS = ("uniform", "global")

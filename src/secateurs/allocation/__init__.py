@@ -8,7 +8,6 @@ from secateurs.allocation.base import (
     LayerMap,
     Pool,
     Uniform,
-    check_sparsity,
 )
 from secateurs.allocation.erk import ERK, erk_densities
 from secateurs.allocation.select import select_lowest
@@ -22,7 +21,6 @@ __all__ = [
     "LayerMap",
     "Pool",
     "Uniform",
-    "check_sparsity",
     "erk_densities",
     "select_lowest",
 ]

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from secateurs.checks import check_sparsity
 from secateurs.errors import ConfigError
 from secateurs.registry import Registry
 from secateurs.structures import NEG_INF, GroupScores
@@ -30,15 +31,6 @@ class Pool:
 
     members: tuple[int, ...]
     sparsity: float
-
-
-def check_sparsity(value: object, what: str = "sparsity") -> float:
-    """Validate a sparsity in [0, 1) and return it as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ConfigError(
-            f"{what} must be a number in [0, 1) (the fraction of weights to remove); got {value!r}"
-        )
-    return float(value)
 
 
 class Allocation(ABC):

@@ -57,8 +57,9 @@ from torch import Tensor, nn
 
 from secateurs.errors import ConfigError
 from secateurs.graph.groups import ChannelGraph
-from secateurs.graph.trace import TensorRef
-from secateurs.metrics import Inputs, measure_latency, run_example
+from secateurs.graph.state import TensorRef
+from secateurs.metrics import measure_latency
+from secateurs.running import Inputs, run_example
 
 #: Environment variable naming the root of secateurs' caches (the table goes in ``latency/``).
 CACHE_ENV = "SECATEURS_CACHE"

@@ -27,8 +27,9 @@ from torch import nn
 from secateurs.allocation.space import ChannelSpace, ElementSpace, LayerSpace, RatioMap
 from secateurs.budgets import BUDGETS, Budget
 from secateurs.errors import ConfigError, DataError, ModelError, SecateursError
-from secateurs.metrics import Inputs, evaluate
+from secateurs.metrics import evaluate
 from secateurs.registry import Registry
+from secateurs.running import Inputs
 
 if TYPE_CHECKING:
     from secateurs.calibration import LossFn

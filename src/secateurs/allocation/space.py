@@ -36,7 +36,8 @@ from secateurs.budgets import Budget, Bytes, Latency, MACs, Params, Sparsity
 from secateurs.criteria import CRITERIA, Criterion, Magnitude
 from secateurs.errors import BudgetError, ConfigError
 from secateurs.graph.surgery import apply_plan_, mask_plan_, plan_from_removed
-from secateurs.metrics import Inputs, csr_size, profile
+from secateurs.metrics import csr_size, profile
+from secateurs.running import Inputs
 from secateurs.structures import NM, STRUCTURES, Elements, Structure
 from secateurs.targets import find_targets
 

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from secateurs.errors import ConfigError, ModelError, SecateursError
-from secateurs.metrics import EvalMode, Inputs, run_example
+from secateurs.running import EvalMode, Inputs, run_example
 
 #: Sparse formats :func:`sparsify_` can choose: CSR, BSR (CPU and CUDA) and 2:4 (CUDA, sm80+).
 FORMATS: tuple[str, ...] = ("csr", "bsr", "2:4")

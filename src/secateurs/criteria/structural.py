@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from secateurs.calibration import _split
 from secateurs.criteria.base import CRITERIA
 from secateurs.errors import ConfigError, DataError
 from secateurs.graph.groups import ChannelGroup, Member
@@ -43,8 +42,8 @@ from secateurs.graph.importance import (
     per_channel,
     reduce_to_dim,
 )
-from secateurs.graph.trace import TensorRef
-from secateurs.metrics import EvalMode
+from secateurs.graph.state import TensorRef
+from secateurs.running import EvalMode, split_batch
 
 #: Modules whose ``weight`` is a per-channel scale (Network Slimming's gamma).
 NORMS: tuple[type[nn.Module], ...] = (
@@ -183,7 +182,7 @@ def calibration_inputs(ctx: ChannelContext, who: str) -> list[Any]:
         if ctx.max_batches < 1:
             raise ConfigError(f"calibration batches must be >= 1; got {ctx.max_batches}")
         batches = itertools.islice(ctx.batches(who), ctx.max_batches)
-        cached = [_split(batch)[0] for batch in batches]
+        cached = [split_batch(batch)[0] for batch in batches]
         if not cached:
             raise DataError("calibration data is empty: the loader yielded no batch")
         ctx.cache[INPUTS_KEY] = cached

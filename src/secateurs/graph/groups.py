@@ -19,8 +19,9 @@ from torch import Tensor, nn
 
 from secateurs.errors import ModelError
 from secateurs.graph.labels import components, compress
-from secateurs.graph.trace import TensorRef, TraceState, Unhandled, WeightUse, trace
-from secateurs.metrics import Inputs
+from secateurs.graph.state import TensorRef, TraceState, Unhandled, WeightUse
+from secateurs.graph.trace import trace
+from secateurs.running import Inputs
 
 
 @dataclass

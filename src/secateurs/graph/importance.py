@@ -26,8 +26,8 @@ from secateurs.calibration import LossFn, calibrate
 from secateurs.criteria.base import Criterion, Stats
 from secateurs.errors import ConfigError
 from secateurs.graph.groups import ChannelGraph, Member
-from secateurs.graph.trace import TensorRef
-from secateurs.metrics import Inputs
+from secateurs.graph.state import TensorRef
+from secateurs.running import Inputs
 from secateurs.targets import Target
 
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from secateurs.graph.labels import NO_ID, compress, expand_to
-from secateurs.graph.trace import TraceState, WeightUse, _tensors_in
+from secateurs.graph.state import TraceState, WeightUse, tensors_in
 
 Rule = Callable[[TraceState, Any, str, tuple[Any, ...], dict[str, Any], Any], None]
 RULES: dict[str, Rule] = {}
@@ -92,10 +92,10 @@ def apply_rule(
 ) -> None:
     """Dispatch one traced call to its rule; a rule that fails degrades to pinning."""
     name = getattr(func, "__name__", repr(func))
-    inputs = list(_tensors_in((args, kwargs)))
+    inputs = list(tensors_in((args, kwargs)))
     if not any(state.has_label(t) for t in inputs):
         return
-    if name != "__setitem__" and not any(True for _ in _tensors_in(out)):
+    if name != "__setitem__" and not any(True for _ in tensors_in(out)):
         return
     fn = RULES.get(name)
     if fn is None:
@@ -371,7 +371,7 @@ def _multi_head_attention(
     (``embed_dim``, ``num_heads``) that surgery cannot change, so every channel that reaches
     it, and its own projections, stay. The projections' MACs still count: every query token
     meets every input-projection and output-projection weight once (self-attention)."""
-    for t in _tensors_in((args, kwargs)):
+    for t in tensors_in((args, kwargs)):
         if id(t) in state.refs and t.dim() >= 1:
             for d in range(t.dim()):
                 state.pin(state.dim_ids_of(t, d), f"{name} has a fixed embedding size")
@@ -516,7 +516,7 @@ def _elementwise(
     (a scalar parameter times a feature map) is not tied to them: it would merge all those
     channels into one. It does not shrink with them either, so its own ids are pinned.
     """
-    operands = [t for t in _tensors_in((args, kwargs))]
+    operands = [t for t in tensors_in((args, kwargs))]
     ndim = max(t.dim() for t in operands)
     full = torch.broadcast_shapes(*(t.shape for t in operands))
     candidates = [(t, state.label(t)) for t in operands if state.has_label(t)]
@@ -803,7 +803,7 @@ def _pad(
 def _setitem(
     state: TraceState, func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
 ) -> None:
-    for t in _tensors_in(args):
+    for t in tensors_in(args):
         if state.has_label(t):
             state.pin(state.label(t), "in-place assignment into a slice")
 
@@ -857,7 +857,7 @@ def _spatial(
     if any(label.shape[d] > 1 for d in range(2, label.dim())):
         state.pin(label, f"{name} mixes positions that belong to different channels")
         return
-    for o in _tensors_in(out):
+    for o in tensors_in(out):
         state.set_label(o, label if o.dim() == label.dim() else None)
 
 
@@ -887,7 +887,7 @@ def _reduction(
     state: TraceState, func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
 ) -> None:
     x = args[0]
-    tensors = list(_tensors_in(args[1:]))
+    tensors = list(tensors_in(args[1:]))
     if name in ("max", "min") and tensors:  # the elementwise form
         _elementwise(state, func, name, args, kwargs, out)
         return
@@ -896,7 +896,7 @@ def _reduction(
     mixes = any(label.shape[d] > 1 for d in dims)
     if mixes:
         state.pin(label, f"{name} combines channels")
-    outs = list(_tensors_in(out))
+    outs = list(tensors_in(out))
     if name in KEEPING:
         state.set_label(outs[0], label)
         return

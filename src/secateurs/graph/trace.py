@@ -11,144 +11,17 @@ path, so the result is always a correct model and the user sees what limited it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from secateurs.errors import ModelError
-from secateurs.graph.labels import NO_ID, IdSpace, compress
-from secateurs.metrics import Inputs, run_example
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    """A parameter or buffer of the model: the module that owns it and the attribute name."""
-
-    module: str
-    name: str
-    is_parameter: bool = field(default=True, compare=False)
-
-    @property
-    def qualname(self) -> str:
-        return f"{self.module}.{self.name}" if self.module else self.name
-
-
-@dataclass
-class WeightUse:
-    """A convolution or linear call: how many MACs each weight element costs per forward."""
-
-    ref: TensorRef
-    uses: int
-
-
-@dataclass
-class Unhandled:
-    """An operation the tracer had no rule for; its channels were pinned."""
-
-    op: str
-    module: str
-
-
-@dataclass
-class TraceState:
-    """Everything the rules write while the model runs."""
-
-    ids: IdSpace = field(default_factory=IdSpace)
-    labels: dict[int, Tensor] = field(default_factory=dict)
-    alive: list[Tensor] = field(default_factory=list)
-    refs: dict[int, TensorRef] = field(default_factory=dict)
-    dim_ids: dict[tuple[TensorRef, int], Tensor] = field(default_factory=dict)
-    element_ids: dict[TensorRef, Tensor] = field(default_factory=dict)
-    weight_uses: list[WeightUse] = field(default_factory=list)
-    unhandled: list[Unhandled] = field(default_factory=list)
-    module_stack: list[str] = field(default_factory=lambda: [""])
-    #: shapes of the tensors the model returned, in order
-    output_shapes: list[tuple[int, ...]] = field(default_factory=list)
-    #: extra per-module facts surgery needs (e.g. GroupNorm group sizes), by module name
-    module_facts: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    # ------------------------------------------------------------------ labels
-    @property
-    def where(self) -> str:
-        return self.module_stack[-1] or "<model>"
-
-    def label(self, t: Tensor) -> Tensor:
-        """The label of ``t``: its recorded one, element ids for a bare parameter, else none."""
-        found = self.labels.get(id(t))
-        if found is not None:
-            return found
-        ref = self.refs.get(id(t))
-        if ref is not None and t.is_floating_point():
-            ids = self.element_ids.get(ref)
-            if ids is None:
-                ids = self.ids.new(*t.shape)
-                self.element_ids[ref] = ids
-            return ids
-        return torch.full((1,) * t.dim(), NO_ID, dtype=torch.long)
-
-    def has_label(self, t: Any) -> bool:
-        return isinstance(t, Tensor) and (id(t) in self.labels or id(t) in self.refs)
-
-    def set_label(self, t: Any, label: Tensor | None) -> None:
-        if not isinstance(t, Tensor):
-            return
-        if label is None or t.dim() != label.dim():
-            label = torch.full((1,) * t.dim(), NO_ID, dtype=torch.long)
-        label = compress(label)
-        if bool((label < 0).all()):
-            self.labels.pop(id(t), None)
-            return
-        self.labels[id(t)] = label
-        self.alive.append(t)
-
-    def dim_ids_of(self, t: Tensor, dim: int) -> Tensor:
-        """The ids of dimension ``dim`` of parameter ``t`` (made on first use, then reused)."""
-        ref = self.refs.get(id(t))
-        if ref is None:  # a computed weight: its positions are not removable
-            return torch.full((t.shape[dim],), NO_ID, dtype=torch.long)
-        key = (ref, dim % t.dim())
-        ids = self.dim_ids.get(key)
-        if ids is None:
-            ids = self.ids.new(t.shape[dim])
-            self.dim_ids[key] = ids
-        return ids
-
-    def share_dim_ids(self, t: Tensor | None, dim: int, ids: Tensor) -> None:
-        """Make dimension ``dim`` of ``t`` (a bias, a norm's statistics) use ``ids`` as well."""
-        if t is None:
-            return
-        ref = self.refs.get(id(t))
-        if ref is None:
-            return
-        key = (ref, dim % t.dim())
-        existing = self.dim_ids.get(key)
-        if existing is None:
-            self.dim_ids[key] = ids
-        else:
-            self.ids.join(existing, ids)
-
-    def pin(self, ids: Tensor, why: str) -> None:
-        self.ids.pin(ids, f"{why} (in {self.where})")
-
-    def unknown(self, op: str, tensors: list[Tensor]) -> None:
-        """Pin every channel reaching an op without a rule, and report the op."""
-        labelled = [self.labels[id(t)] for t in tensors if id(t) in self.labels]
-        for t in tensors:  # parameters: only the ids they already have (never make new ones)
-            ref = self.refs.get(id(t))
-            if ref is not None and id(t) not in self.labels:
-                labelled += [ids for (r, _), ids in self.dim_ids.items() if r == ref]
-                if ref in self.element_ids:
-                    labelled.append(self.element_ids[ref])
-        if not labelled:
-            return
-        self.unhandled.append(Unhandled(op, self.where))
-        for lab in labelled:
-            self.pin(lab, f"{op} has no channel rule")
+from secateurs.graph.rules import apply_rule
+from secateurs.graph.state import TensorRef, TraceState, tensors_in
+from secateurs.running import Inputs, run_example
 
 
 class _Mode(TorchFunctionMode):
@@ -163,23 +36,10 @@ class _Mode(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: Mapping[str, Any] | None = None,
     ) -> Any:
-        from secateurs.graph.rules import apply_rule
-
         kwargs = dict(kwargs or {})
         out = func(*args, **kwargs)
         apply_rule(self.state, func, args, kwargs, out)
         return out
-
-
-def _tensors_in(obj: Any) -> Iterator[Tensor]:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _tensors_in(v)
-    elif isinstance(obj, (tuple, list)):
-        for v in obj:
-            yield from _tensors_in(v)
 
 
 def _register_refs(model: nn.Module, state: TraceState) -> None:
@@ -231,8 +91,8 @@ def trace(model: nn.Module, example_inputs: Inputs) -> TraceState:
             h.remove()
     state.module_stack = [""]
     _tie_views(state)
-    state.output_shapes = [tuple(t.shape) for t in _tensors_in(out)]
-    for t in _tensors_in(out):
+    state.output_shapes = [tuple(t.shape) for t in tensors_in(out)]
+    for t in tensors_in(out):
         if state.has_label(t):
             state.ids.pin(state.label(t), "a model output")
     if not state.weight_uses:
