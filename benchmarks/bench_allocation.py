@@ -49,10 +49,10 @@ from torch.utils.data import DataLoader
 
 import secateurs as sc
 from bench_finegrained import RESULTS, TRAIN_LR, dense_model, write_results
-from secateurs.allocation.space import ElementSpace
 from secateurs.data import load_fashion_mnist
 from secateurs.metrics import evaluate, measure_latency, profile
 from secateurs.pipeline import steps_finetuner
+from secateurs.search.space import ElementSpace
 from secateurs.train import TrainConfig, train
 from secateurs.zoo import build_model
 

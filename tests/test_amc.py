@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 import secateurs as sc
-import secateurs.allocation.amc
+import secateurs.search.amc
 from conftest import make_mlp
 from helpers import snapshot
-from secateurs.allocation.amc import AMC, _clamp, _static_features, _truncated_normal
-from secateurs.allocation.search import SEARCHES
-from secateurs.allocation.space import ChannelSpace, ElementSpace
 from secateurs.errors import ConfigError, ModelError
 from secateurs.metrics import profile
+from secateurs.search.amc import AMC, _clamp, _static_features, _truncated_normal
+from secateurs.search.base import SEARCHES
+from secateurs.search.space import ChannelSpace, ElementSpace
 
 X = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
 X_MLP = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 import secateurs as sc
-from secateurs.allocation import latency_table as lt
-from secateurs.allocation.latency_table import LatencyTable, default_cache_dir
-from secateurs.allocation.space import ChannelSpace
 from secateurs.errors import ConfigError
+from secateurs.graph import latency as lt
+from secateurs.graph.latency import LatencyTable, default_cache_dir
 from secateurs.metrics import measure_latency, profile
+from secateurs.search.space import ChannelSpace
 from secateurs.zoo import build_model
 
 X_VGG = torch.randn(1, 1, 28, 28)

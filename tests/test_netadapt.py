@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 import secateurs as sc
-import secateurs.allocation.netadapt  # registers "netadapt"
+import secateurs.search.netadapt  # registers "netadapt"
 from helpers import assert_untouched, snapshot
-from secateurs.allocation.netadapt import NetAdapt
-from secateurs.allocation.search import SEARCHES, SearchContext
-from secateurs.allocation.space import ChannelSpace, ElementSpace
 from secateurs.data import synthetic
 from secateurs.errors import BudgetError, ConfigError
 from secateurs.metrics import profile
+from secateurs.search.base import SEARCHES, SearchContext
+from secateurs.search.netadapt import NetAdapt
+from secateurs.search.space import ChannelSpace, ElementSpace
 
 X = torch.randn(1, 3, 8, 8)
 #: Latency needs layers whose compute outweighs the per-call overhead: a larger image
@@ -147,7 +147,7 @@ def test_latency_budget_met_with_the_cached_table(tmp_path: Path) -> None:
     assert list((tmp_path / "latency").glob("*.json"))  # one table, cached
     assert result.model is not None
     # the prediction for the returned model's own shapes agrees with the search's value
-    from secateurs.allocation.latency_table import LatencyTable
+    from secateurs.graph.latency import LatencyTable
 
     x = X_LATENCY
     table = LatencyTable.build(model, x, sc.build_graph(model, x))

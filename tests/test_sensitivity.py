@@ -17,17 +17,17 @@ from torch import nn
 import secateurs as sc
 from conftest import make_cnn, make_mlp
 from helpers import snapshot
-from secateurs.allocation.search import SearchContext
-from secateurs.allocation.sensitivity import (
+from secateurs.errors import BudgetError, ConfigError, DataError, ModelError
+from secateurs.metrics import profile
+from secateurs.search.base import SearchContext, accuracy_evaluator
+from secateurs.search.sensitivity import (
     ScanTask,
     Sensitivity,
     _envelope,
     _largest_under,
     run_task,
 )
-from secateurs.allocation.space import ChannelSpace, ElementSpace
-from secateurs.errors import BudgetError, ConfigError, DataError, ModelError
-from secateurs.metrics import profile
+from secateurs.search.space import ChannelSpace, ElementSpace
 
 X_CNN = torch.randn(2, 3, 4, 4)
 X_MLP = torch.randn(4, 16)
@@ -202,7 +202,7 @@ def test_scan_is_made_of_self_contained_tasks_and_workers_agree() -> None:
     space = ChannelSpace(model, X_CNN)
     name = space.names[0]
     point = next(s for r, s in one.history["curves"][name] if r == pytest.approx(0.5))
-    ctx = SearchContext(sc.allocation.search.accuracy_evaluator(data))
+    ctx = SearchContext(accuracy_evaluator(data))
     assert run_task(space, ScanTask(name, 0.5), ctx.evaluate) == point
 
 
@@ -359,7 +359,6 @@ def test_batchnorm_recalibration_leaves_a_model_without_bn_alone_and_refuses_no_
 def test_the_evaluator_scores_with_recalibrated_statistics_and_restores_them() -> None:
     """Wrong BN statistics ruin the plain score; ``adapt_bn`` scores the model as its data
     sees it (here: labels from the model with correct statistics, so the score is 1)."""
-    from secateurs.allocation.search import accuracy_evaluator
 
     net = _bn_net(4, 1).eval()
     g = torch.Generator().manual_seed(3)

@@ -15,11 +15,19 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import secateurs as sc
-from secateurs.criteria import CRITERIA, FPGM, APoZ, BNScale, MeanActivation, Regression
+from secateurs.criteria import (
+    CRITERIA,
+    FPGM,
+    APoZ,
+    BNScale,
+    ChannelContext,
+    MeanActivation,
+    Regression,
+    channel_scores,
+)
 from secateurs.criteria.structural import im2col
 from secateurs.graph import apply_plan_, build_graph, plan_from_removed
 from secateurs.graph.groups import ChannelGraph
-from secateurs.graph.importance import ChannelContext, channel_scores
 from secateurs.train.regularizers import BNL1
 
 NEW = ["bn_scale", "apoz", "mean_activation", "fpgm", "regression"]
@@ -189,7 +197,7 @@ def test_activation_hooks_are_removed_and_modes_restored_when_the_model_fails() 
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
-def test_at_most_max_batches_are_read_once_and_reused() -> None:
+def test_at_most_calibration_batches_are_read_once_and_reused() -> None:
     pulled: list[int] = []
 
     def batches() -> Iterator[tuple[Tensor, Tensor]]:
@@ -198,7 +206,7 @@ def test_at_most_max_batches_are_read_once_and_reused() -> None:
             yield X[8 * i : 8 * i + 8], Y[8 * i : 8 * i + 8]
 
     model = net()
-    ctx = ChannelContext(model, build_graph(model, X[:1]), X[:1], batches(), max_batches=2)
+    ctx = ChannelContext(model, build_graph(model, X[:1]), X[:1], batches(), calibration_batches=2)
     first = channel_scores(MeanActivation(), ctx)
     again = channel_scores(MeanActivation(), ctx)  # the generator is spent: the cache serves
     assert pulled == [0, 1]

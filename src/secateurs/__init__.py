@@ -8,8 +8,8 @@ The public surface, re-exported here; everything else is internal::
     sc.make_permanent_(model)
 """
 
+from secateurs._version import __version__
 from secateurs.allocation import ALLOCATIONS, ERK, LAMP, Allocation, Global, LayerMap, Uniform
-from secateurs.allocation.search import SEARCHES, SearchResult, search_allocation
 from secateurs.budgets import BUDGETS, Budget, Bytes, Latency, MACs, Params, Sparsity
 from secateurs.compress import (
     CompressConfig,
@@ -55,11 +55,10 @@ from secateurs.schedules import (
     Schedule,
     Static,
 )
+from secateurs.search import SEARCHES, SearchResult, search_allocation
 from secateurs.shrink import ShrinkReport, shrink
 from secateurs.structures import NM, STRUCTURES, Blocks, Channels, Elements, Structure
 from secateurs.targets import Target, find_targets
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ALLOCATIONS",

@@ -3,9 +3,9 @@
 A budget is an object so that every allocator and schedule works in one currency (the fraction
 of target weights to remove) while users speak in theirs: a sparsity, a parameter count, MACs,
 bytes on disk or measured latency. The plain mask allocators turn a budget into a sparsity
-(:meth:`Budget.target_sparsity`); the searches of :mod:`secateurs.allocation.search` and
+(:meth:`Budget.target_sparsity`); the searches of :mod:`secateurs.search.base` and
 :func:`secateurs.shrink` count the budget's own quantity for each candidate ratio map
-(:mod:`secateurs.allocation.space`).
+(:mod:`secateurs.search.space`).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ class Latency(KeepBudget):
     A ``float`` in (0, 1] is a fraction of the dense model's latency; an ``int`` is
     microseconds. Only removing channels changes latency with dense kernels, so this budget is
     for structural pruning, where it is met with a per-layer latency look-up table measured
-    once and cached (:mod:`secateurs.allocation.latency_table`).
+    once and cached (:mod:`secateurs.graph.latency`).
     """
 
     keep: int | float

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from secateurs.criteria.base import Criterion
 from secateurs.errors import ConfigError, DataError
 from secateurs.running import EvalMode, call, device_of, split_batch, to_device
 from secateurs.targets import Target
@@ -27,15 +26,22 @@ from secateurs.targets import Target
 LossFn = Callable[[Any, Any], Tensor]
 
 
+class GradientStatistic(Protocol):
+    """What :func:`calibrate` feeds: a criterion folding one batch's gradient into its stats."""
+
+    def accumulate(self, stats: dict[str, Tensor], target: Target, grad: Tensor) -> None:
+        """Fold the gradient of ``target`` on one batch into ``stats``."""
+
+
 def calibrate(
     model: nn.Module,
     targets: Sequence[Target],
-    criterion: Criterion,
+    criterion: GradientStatistic,
     data: Iterable[Any],
     loss_fn: LossFn | None,
-    max_batches: int = 16,
+    calibration_batches: int = 16,
 ) -> dict[str, dict[str, Tensor]]:
-    """Run up to ``max_batches`` batches of ``(inputs, labels)`` and accumulate statistics.
+    """Run up to ``calibration_batches`` batches of ``(inputs, labels)`` and accumulate statistics.
 
     Returns ``{target name: {statistic: tensor}}`` for :meth:`Criterion.scores`.
     """
@@ -45,7 +51,7 @@ def calibrate(
         )
     stats: dict[str, dict[str, Tensor]] = {t.name: {} for t in targets}
     params: list[Tensor] = [t.raw for t in targets]
-    for grads in _batch_gradients(model, lambda: params, data, loss_fn, max_batches):
+    for grads in _batch_gradients(model, lambda: params, data, loss_fn, calibration_batches):
         for target, grad in zip(targets, grads, strict=True):
             criterion.accumulate(
                 stats[target.name],
@@ -60,10 +66,10 @@ def dense_gradients(
     targets: Sequence[Target],
     data: Iterable[Any],
     loss_fn: LossFn | None,
-    max_batches: int = 1,
+    calibration_batches: int = 1,
 ) -> dict[str, Tensor]:
     """Gradient of the loss with respect to each target's *effective* tensor, summed over up to
-    ``max_batches`` batches: dense, so pruned positions get a gradient too (what RigL grows by).
+    ``calibration_batches`` batches: dense, so pruned positions get a gradient too (what RigL grows by).
 
     Masked weights are ``raw * mask``; the gradient of ``raw`` is zero where the mask is. With
     parametrizations cached for the pass, the effective tensor is one node of the graph and
@@ -77,7 +83,7 @@ def dense_gradients(
         return [t.weight for t in targets]
 
     with parametrize.cached():
-        for grads in _batch_gradients(model, effective, data, loss_fn, max_batches):
+        for grads in _batch_gradients(model, effective, data, loss_fn, calibration_batches):
             for target, grad in zip(targets, grads, strict=True):
                 g = torch.zeros_like(target.raw) if grad is None else grad.detach()
                 out[target.name] = out[target.name] + g if target.name in out else g.clone()
@@ -89,15 +95,15 @@ def _batch_gradients(
     wrt: Callable[[], list[Tensor]],
     data: Iterable[Any],
     loss_fn: LossFn,
-    max_batches: int,
+    calibration_batches: int,
 ) -> Iterator[tuple[Tensor | None, ...]]:
     """Per batch, the gradients of the loss with respect to ``wrt()``, in eval mode."""
-    if max_batches < 1:
-        raise ConfigError(f"calibration batches must be >= 1; got {max_batches}")
+    if calibration_batches < 1:
+        raise ConfigError(f"calibration batches must be >= 1; got {calibration_batches}")
     seen = 0
     with EvalMode(model):
         for batch in data:
-            if seen >= max_batches:
+            if seen >= calibration_batches:
                 break
             inputs, labels = split_batch(batch)
             with torch.enable_grad():

@@ -29,16 +29,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils import _pytree
 
+from secateurs._version import __version__
 from secateurs.errors import ConfigError, ModelError, SecateursError
+from secateurs.graph.surgery import ChannelPlan, apply_plan_
 from secateurs.masks import make_permanent_
 
 if TYPE_CHECKING:
     import onnx
-
-    from secateurs.graph.surgery import ChannelPlan
 
 Exporter = Literal["auto", "dynamo", "torchscript"]
 EXPORTERS: tuple[str, ...] = ("auto", "dynamo", "torchscript")
@@ -654,10 +656,6 @@ def export_safetensors(
     header, so :func:`load_safetensors` can load the smaller model into a fresh instance of
     the *original* class by replaying the channel removal first.
     """
-    from safetensors.torch import save_file
-
-    import secateurs
-
     header = _metadata_strings(metadata)
     if channel_plan is not None:
         header[CHANNEL_PLAN_KEY] = channel_plan.to_json()
@@ -667,7 +665,7 @@ def export_safetensors(
     kind = type(model)
     header |= {
         "format": "pt",
-        "secateurs_version": secateurs.__version__,
+        "secateurs_version": __version__,
         "model_class": f"{kind.__module__}.{kind.__qualname__}",
         "nonzero_weights": str(nonzero),
         "total_weights": str(total),
@@ -687,8 +685,6 @@ def _check_file(path: str | Path) -> Path:
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata in a safetensors file's header (no tensor is read)."""
-    from safetensors import safe_open
-
     p = _check_file(path)
     try:
         with safe_open(str(p), framework="pt") as f:
@@ -707,8 +703,6 @@ def load_safetensors(path: str | Path, model: nn.Module) -> nn.Module:
     shape must fit, else :class:`ModelError` says what does not
     and nothing is loaded. The file is parsed by safetensors, so no code in it is executed.
     """
-    from safetensors.torch import load_file
-
     p = _check_file(path)
     try:
         state = load_file(str(p))
@@ -721,8 +715,6 @@ def load_safetensors(path: str | Path, model: nn.Module) -> nn.Module:
     plan_text = read_safetensors_metadata(p).get(CHANNEL_PLAN_KEY)
     if plan_text is not None and any(k in state and own[k].shape != state[k].shape for k in own):
         # a shrunk model: replay the surgery on this fresh instance of the original class
-        from secateurs.graph.surgery import ChannelPlan, apply_plan_
-
         apply_plan_(model, ChannelPlan.from_json(plan_text))
         own = model.state_dict()
     missing = sorted(own.keys() - state.keys())

@@ -23,9 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from secateurs import __version__
-from secateurs.allocation.search import SearchResult, search_allocation
-from secateurs.allocation.space import ChannelSpace, ElementSpace, LayerSpace
+from secateurs._version import __version__
 from secateurs.budgets import BUDGETS, Budget
 from secateurs.compress import load_compressed, save_compressed, share_weights_
 from secateurs.data import DataBundle, load_dataset
@@ -40,6 +38,8 @@ from secateurs.registry import build_dataclass
 from secateurs.report import RunReport, write_report
 from secateurs.report.plots import sensitivity_curves
 from secateurs.report.writer import _jsonable
+from secateurs.search.base import SearchResult, search_allocation
+from secateurs.search.space import ChannelSpace, ElementSpace, LayerSpace
 from secateurs.shrink import shrink
 from secateurs.train import REGULARIZERS, Distillation, TrainConfig, make_optimizer, train
 from secateurs.zoo import build_model

@@ -17,9 +17,8 @@ from secateurs.allocation import ALLOCATIONS, Allocation, Global, select_lowest
 from secateurs.budgets import BUDGETS, Budget, Sparsity
 from secateurs.calibration import LossFn, calibrate, dense_gradients
 from secateurs.checks import check_sparsity
-from secateurs.criteria import CRITERIA, Criterion, Magnitude
+from secateurs.criteria import CRITERIA, ChannelCriterion, Criterion, Magnitude
 from secateurs.errors import ConfigError
-from secateurs.graph.importance import ChannelCriterion
 from secateurs.masks import remove_mask, set_mask
 from secateurs.registry import to_spec
 from secateurs.schedules import (

@@ -28,6 +28,8 @@ from secateurs.criteria import CRITERIA
 from secateurs.errors import ConfigError
 from secateurs.registry import Registry, build_dataclass
 from secateurs.schedules import SCHEDULES
+from secateurs.search import SEARCHES
+from secateurs.shrink import ALLOCATIONS as SHRINK_ALLOCATIONS
 from secateurs.structures import STRUCTURES
 from secateurs.train import REGULARIZERS, Distillation, TrainConfig, finetune_config
 
@@ -304,16 +306,12 @@ STRUCTURAL_BUDGETS = ("macs", "params", "sparsity", "bytes", "latency")
 
 def is_search(spec: MethodSpec) -> bool:
     """True when an allocation spec names an automatic search (sensitivity, AMC, NetAdapt)."""
-    from secateurs.allocation.search import SEARCHES
-
     name = spec if isinstance(spec, str) else spec.get("name")
     return name in SEARCHES.names()
 
 
 def _check_allocation(path: str, spec: MethodSpec, plain: list[str]) -> None:
     """An allocation is one of ``plain`` (built by its registry) or a registered search."""
-    from secateurs.allocation.search import SEARCHES
-
     if is_search(spec):
         _check_method(path, SEARCHES, spec)
         return
@@ -389,8 +387,6 @@ def validate(recipe: Recipe) -> Recipe:
 
 
 def _validate_shrink(s: ShrinkSection) -> None:
-    from secateurs.shrink import ALLOCATIONS as SHRINK_ALLOCATIONS
-
     _check_allocation("shrink.allocation", s.allocation, list(SHRINK_ALLOCATIONS))
     if s.budget is not None and BUDGETS.build(s.budget).registry_name not in STRUCTURAL_BUDGETS:
         raise ConfigError(

@@ -3,7 +3,7 @@
 The steps are the axes of the design, each a separate piece:
 
 1. trace the model into coupled channel groups (:func:`secateurs.graph.build_graph`);
-2. score every channel with a criterion (:func:`secateurs.graph.importance.channel_scores`);
+2. score every channel with a criterion (:func:`secateurs.criteria.channel_scores`);
 3. decide how many channels each group loses: ``uniform`` (the same fraction everywhere) or
    ``global`` (one ranking of scores normalised per group), capped per group by
    ``max_ratio``, with kept widths rounded up to multiples of ``round_to``;
@@ -32,10 +32,17 @@ from torch import Tensor, nn
 from secateurs.budgets import BUDGETS, Budget, Bytes, Latency, MACs, Params, Sparsity
 from secateurs.calibration import LossFn
 from secateurs.checks import check_sparsity
-from secateurs.criteria import CRITERIA, Criterion, Magnitude
+from secateurs.criteria import (
+    CRITERIA,
+    ChannelContext,
+    ChannelCriterion,
+    Criterion,
+    Magnitude,
+    channel_scores,
+)
 from secateurs.errors import BudgetError, ConfigError, SecateursError
 from secateurs.graph.groups import ChannelGraph, ChannelGroup, build_graph
-from secateurs.graph.importance import ChannelContext, ChannelCriterion, channel_scores
+from secateurs.graph.latency import LatencyTable
 from secateurs.graph.surgery import ChannelPlan, apply_plan_, check_forward, plan_from_removed
 from secateurs.running import Inputs, run_example
 
@@ -276,8 +283,6 @@ def _channels(budget: Any, graph: ChannelGraph, *_: Any) -> tuple[Measure, float
 def _latency(
     budget: Any, graph: ChannelGraph, model: nn.Module, example_inputs: Inputs
 ) -> tuple[Measure, float, str]:
-    from secateurs.allocation.latency_table import LatencyTable
-
     table = LatencyTable.build(model, example_inputs, graph)
     dense = table.estimate(graph.shapes_after())
     limit = budget.keep * dense if isinstance(budget.keep, float) else budget.keep / 1000.0

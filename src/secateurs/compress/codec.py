@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from secateurs._version import __version__
 from secateurs.compress.formats import check_bits, gaps_with_fillers
 from secateurs.compress.huffman import HuffmanCode, build_code, code_from_counts, decode, encode
 from secateurs.compress.quantize import LinearQuantized, quantize_linear
@@ -570,8 +571,6 @@ def save_compressed(
             sections[key] = [len(payload), len(blob), zlib.crc32(blob)]
             payload += blob
         enc.entry["sections"] = sections
-    from secateurs import __version__
-
     header = {
         "format": "secateurs-compressed",
         "version": VERSION,

@@ -1,6 +1,6 @@
 """Channel criteria: scores that only whole channels have, for structural pruning.
 
-Each criterion here is a :class:`~secateurs.graph.importance.ChannelCriterion`: it scores the
+Each criterion here is a :class:`~secateurs.criteria.channel.ChannelCriterion`: it scores the
 channels of every prunable group of a traced model (:func:`secateurs.graph.build_graph`)
 directly, one float32 per channel, higher = more important, and is used through
 :func:`secateurs.shrink`:
@@ -14,7 +14,7 @@ directly, one float32 per channel, higher = more important, and is used through
 
 Activations are measured in eval mode under ``torch.no_grad()`` with hooks that are removed
 even on error, so the model's state and modes are as before. The calibration inputs (the
-first ``max_batches`` batches of ``data``) are read once per context and reused, so scoring
+first ``calibration_batches`` batches of ``data``) are read once per context and reused, so scoring
 and refitting see the same samples even from a shuffling loader or a one-shot iterator.
 """
 
@@ -34,14 +34,14 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from secateurs.criteria.base import CRITERIA
-from secateurs.errors import ConfigError, DataError
-from secateurs.graph.groups import ChannelGroup, Member
-from secateurs.graph.importance import (
+from secateurs.criteria.channel import (
     ChannelContext,
     ChannelCriterion,
     per_channel,
     reduce_to_dim,
 )
+from secateurs.errors import ConfigError, DataError
+from secateurs.graph.groups import ChannelGroup, Member
 from secateurs.graph.state import TensorRef
 from secateurs.running import EvalMode, split_batch
 
@@ -176,12 +176,12 @@ def consumer_sites(ctx: ChannelContext, unfoldable: bool = False) -> dict[str, _
 
 
 def calibration_inputs(ctx: ChannelContext, who: str) -> list[Any]:
-    """The inputs of the first ``ctx.max_batches`` calibration batches, read once per context."""
+    """The inputs of the first ``ctx.calibration_batches`` calibration batches, read once per context."""
     cached = ctx.cache.get(INPUTS_KEY)
     if cached is None:
-        if ctx.max_batches < 1:
-            raise ConfigError(f"calibration batches must be >= 1; got {ctx.max_batches}")
-        batches = itertools.islice(ctx.batches(who), ctx.max_batches)
+        if ctx.calibration_batches < 1:
+            raise ConfigError(f"calibration batches must be >= 1; got {ctx.calibration_batches}")
+        batches = itertools.islice(ctx.batches(who), ctx.calibration_batches)
         cached = [split_batch(batch)[0] for batch in batches]
         if not cached:
             raise DataError("calibration data is empty: the loader yielded no batch")

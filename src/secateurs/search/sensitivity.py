@@ -24,15 +24,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from secateurs.allocation.search import (
+from secateurs.budgets import Budget
+from secateurs.errors import BudgetError, ConfigError, ModelError, SecateursError
+from secateurs.search.base import (
     SEARCHES,
     AllocationSearch,
     SearchContext,
     SearchResult,
 )
-from secateurs.allocation.space import LayerSpace, RatioMap
-from secateurs.budgets import Budget
-from secateurs.errors import BudgetError, ConfigError, ModelError, SecateursError
+from secateurs.search.space import LayerSpace, RatioMap
 
 #: ``{layer: [(ratio, score), ...]}`` in ratio order, ratio 0 first.
 Curves = dict[str, list[tuple[float, float]]]

@@ -40,7 +40,7 @@ class ChannelContext:
     example_inputs: Inputs
     data: Iterable[Any] | None = None  #: calibration batches of ``(inputs, labels)``
     loss_fn: LossFn | None = None
-    max_batches: int = 8
+    calibration_batches: int = 8
     seed: int = 0
     cache: dict[str, Any] = field(default_factory=dict)
 
@@ -105,7 +105,7 @@ def _element_scores(criterion: Criterion, ctx: ChannelContext) -> dict[int, Tens
             criterion,
             ctx.batches(getattr(criterion, "registry_name", type(criterion).__name__)),
             ctx.loss_fn,
-            ctx.max_batches,
+            ctx.calibration_batches,
         )
     cache: dict[TensorRef, Tensor] = {}
 

@@ -55,9 +55,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from secateurs.errors import ConfigError
+from secateurs.errors import ConfigError, SecateursError
 from secateurs.graph.groups import ChannelGraph
 from secateurs.graph.state import TensorRef
+from secateurs.graph.surgery import apply_plan_, plan_from_removed
 from secateurs.metrics import measure_latency
 from secateurs.running import Inputs, run_example
 
@@ -501,8 +502,6 @@ def _halved(
 ) -> tuple[nn.Module, dict[TensorRef, tuple[int, ...]]] | None:
     """A copy of ``model`` with about half the removable channels of every group removed, and
     its tensor shapes; None when nothing can be removed or the surgery does not apply."""
-    from secateurs.graph.surgery import apply_plan_, plan_from_removed
-
     removed: dict[int, Tensor] = {}
     for g in graph.prunable_groups:
         idx = g.prunable.nonzero().flatten()[: min(g.num_prunable, g.size // 2)]
@@ -514,7 +513,7 @@ def _halved(
         return None
     try:
         small = apply_plan_(copy.deepcopy(model), plan_from_removed(graph, removed))
-    except Exception:  # a model the surgery cannot copy or cut: keep the rest fixed
+    except SecateursError:  # surgery refuses this cut (a pinned size): keep the rest fixed
         return None
     return small, graph.shapes_after(removed)
 

@@ -2,7 +2,7 @@
 
 Layers differ in how much they can lose, and hand-tuned ratios do not transfer. A search
 (:class:`AllocationSearch`, registered in :data:`SEARCHES`: ``sensitivity``, ``amc``,
-``netadapt``) walks a :class:`~secateurs.allocation.space.LayerSpace` and returns a
+``netadapt``) walks a :class:`~secateurs.search.space.LayerSpace` and returns a
 :class:`SearchResult` whose ``ratios`` feed the usual pruning: a
 :class:`~secateurs.LayerMap` for masks, ``allocation=`` of :func:`secateurs.shrink` for
 channels. :func:`search_allocation` is the one entry point.
@@ -20,19 +20,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
-from secateurs.allocation.space import ChannelSpace, ElementSpace, LayerSpace, RatioMap
 from secateurs.budgets import BUDGETS, Budget
+from secateurs.calibration import LossFn, batchnorm_recalibrated
 from secateurs.errors import ConfigError, DataError, ModelError, SecateursError
 from secateurs.metrics import evaluate
 from secateurs.registry import Registry
 from secateurs.running import Inputs
-
-if TYPE_CHECKING:
-    from secateurs.calibration import LossFn
+from secateurs.search.space import ChannelSpace, ElementSpace, LayerSpace, RatioMap
 
 #: ``evaluate(model) -> score``, higher is better (accuracy, or minus the loss).
 Evaluator = Callable[[nn.Module], float]
@@ -134,27 +132,25 @@ class AllocationSearch(ABC):
 def accuracy_evaluator(
     data: Iterable[Any],
     metric: str = "accuracy",
-    batches: int | None = None,
+    calibration_batches: int | None = None,
     loss_fn: LossFn | None = None,
     adapt_bn: bool = True,
 ) -> Evaluator:
     """An evaluator over a held-out calibration split of ``(inputs, labels)`` batches.
 
     ``metric``: ``accuracy`` (top-1) or ``loss`` (the score is minus the mean loss, so higher
-    stays better). The first ``batches`` batches (all by default) are kept in memory once, so
+    stays better). The first ``calibration_batches`` batches (all by default) are kept in memory once, so
     every evaluation sees the same examples. ``adapt_bn``: before each evaluation, re-estimate
     the BatchNorm statistics on those batches (restored afterwards; see
     :func:`~secateurs.calibration.batchnorm_recalibrated`). Without it a VGG-BN with half its
     MACs removed scores near chance whatever the ratios, and the searches have nothing to go
     on; with it the score ranks candidates by how they do after fine-tuning.
     """
-    from secateurs.calibration import batchnorm_recalibrated
-
     if metric not in ("accuracy", "loss"):
         raise ConfigError(f"metric must be 'accuracy' or 'loss'; got {metric!r}")
     kept = []
     for i, batch in enumerate(data):
-        if batches is not None and i >= batches:
+        if calibration_batches is not None and i >= calibration_batches:
             break
         kept.append(batch)
     if not kept:
@@ -238,9 +234,3 @@ def search_allocation(
     result.seconds = time.perf_counter() - start
     result.evaluations = ctx.evaluations
     return result
-
-
-# the searches register themselves on import
-from secateurs.allocation import amc as _amc  # noqa: E402,F401
-from secateurs.allocation import netadapt as _netadapt  # noqa: E402,F401
-from secateurs.allocation import sensitivity as _sensitivity  # noqa: E402,F401

@@ -13,7 +13,7 @@ ECCV 2018, Algorithm 1) meets a resource budget by many small steps instead of o
 4. stop once the budget is met, then fine-tune the result for ``long_steps``.
 
 The resource is whatever the channel space counts: :class:`~secateurs.Latency` (predicted by
-the per-layer look-up table of :mod:`secateurs.allocation.latency_table`, measured once on
+the per-layer look-up table of :mod:`secateurs.graph.latency`, measured once on
 this machine and cached, as in the paper), :class:`~secateurs.MACs`,
 :class:`~secateurs.Params`, :class:`~secateurs.Bytes` or :class:`~secateurs.Sparsity`. It is
 always counted on the *original* model's space with the current widths expressed as a ratio
@@ -34,10 +34,10 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from secateurs.allocation.search import SEARCHES, AllocationSearch, SearchContext, SearchResult
-from secateurs.allocation.space import ChannelSpace, LayerSpace, RatioMap
 from secateurs.budgets import Budget
 from secateurs.errors import BudgetError, ConfigError
+from secateurs.search.base import SEARCHES, AllocationSearch, SearchContext, SearchResult
+from secateurs.search.space import ChannelSpace, LayerSpace, RatioMap
 
 #: Relative slack when comparing a value with a limit or a target (float counts).
 TOLERANCE = 1e-9

@@ -39,10 +39,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from secateurs.allocation.search import SEARCHES, AllocationSearch, SearchContext, SearchResult
-from secateurs.allocation.space import ElementSpace, Layer, LayerSpace, RatioMap
 from secateurs.budgets import Budget, Sparsity
 from secateurs.errors import BudgetError, ConfigError
+from secateurs.search.base import SEARCHES, AllocationSearch, SearchContext, SearchResult
+from secateurs.search.space import ElementSpace, Layer, LayerSpace, RatioMap
 
 PROTOCOLS = ("resource", "accuracy")
 #: Features of the layer embedding (AMC's state), in order.

@@ -26,23 +26,23 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from secateurs.allocation.base import LayerMap, Uniform
 from secateurs.budgets import Budget, Bytes, Latency, MACs, Params, Sparsity
+from secateurs.calibration import LossFn, calibrate
 from secateurs.criteria import CRITERIA, Criterion, Magnitude
 from secateurs.errors import BudgetError, ConfigError
 from secateurs.graph.surgery import apply_plan_, mask_plan_, plan_from_removed
 from secateurs.metrics import csr_size, profile
+from secateurs.pruner import Pruner, compute_masks
 from secateurs.running import Inputs
+from secateurs.shrink import ShrinkConfig, _removal, channel_candidates, channel_measure
 from secateurs.structures import NM, STRUCTURES, Elements, Structure
 from secateurs.targets import find_targets
-
-if TYPE_CHECKING:
-    from secateurs.calibration import LossFn
 
 RatioMap = dict[str, float]
 
@@ -197,8 +197,6 @@ class ElementSpace(LayerSpace):
         self.seed = seed
         self.stats = None
         if self.criterion.needs_data:
-            from secateurs.calibration import calibrate
-
             if data is None:
                 raise ConfigError(f"criterion {self.criterion.registry_name!r} needs data=")
             self.stats = calibrate(
@@ -276,8 +274,6 @@ class ElementSpace(LayerSpace):
         """The keep-mask of layer ``name`` at ``ratio`` (cached: a scan asks for it often)."""
         key = (name, self._removed(name, ratio))
         if key not in self._masks:
-            from secateurs.pruner import compute_masks
-
             t = self._by_name[name]
             stats = None if self.stats is None else {name: self.stats[name]}
             masks = compute_masks(
@@ -316,8 +312,6 @@ class ElementSpace(LayerSpace):
         return LayerMap({re.escape(n): v for n, v in r.items()}, default=0.0)
 
     def realize(self, ratios: Mapping[str, float]) -> nn.Module:
-        from secateurs.pruner import Pruner
-
         model = copy.deepcopy(self.model)
         r = self.clean(ratios)
         overall = 1.0 - self.measure(Sparsity(0.0), r)
@@ -370,8 +364,6 @@ class ChannelSpace(LayerSpace):
         seed: int = 0,
         strict: bool = False,
     ) -> None:
-        from secateurs.shrink import ShrinkConfig, channel_candidates
-
         self.model = model
         self.example_inputs = example_inputs
         self.config = ShrinkConfig(
@@ -421,15 +413,11 @@ class ChannelSpace(LayerSpace):
 
     def removed(self, ratios: Mapping[str, float]) -> dict[int, Tensor]:
         """The channel masks (by group index) that ``ratios`` removes."""
-        from secateurs.shrink import _removal
-
         return _removal(self.cands, 1.0, self.clean(ratios), self.config.round_to)
 
     def _measure(self, budget: Budget) -> tuple[Callable[[dict[int, Tensor]], float], float, str]:
         key = (type(budget), getattr(budget, "keep", getattr(budget, "value", None)))
         if key not in self._measures:
-            from secateurs.shrink import channel_measure
-
             self._measures[key] = channel_measure(
                 budget,  # type: ignore[arg-type]
                 self.graph,
