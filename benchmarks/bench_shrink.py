@@ -36,6 +36,7 @@ from torch import nn
 import secateurs as sc
 from bench_finegrained import RESULTS, dense_model, write_results
 from secateurs.data import load_fashion_mnist
+from secateurs.graph import build_graph
 from secateurs.metrics import evaluate, measure_latency, profile
 from secateurs.train import TrainConfig, train
 from secateurs.zoo import build_model
@@ -203,15 +204,16 @@ def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
         x1 = torch.randn(1, *shape)
         dense_macs = macs_of(model, x1)
         t0 = time.perf_counter()
-        graph = sc.build_graph(model, x1)
+        graph = build_graph(model, x1)
         graph_s = time.perf_counter() - t0
         keep = args.keep
         try:
-            small, report = sc.shrink(model, x1, budget=sc.MACs(keep), report=True)
+            small = sc.shrink(model, x1, budget=sc.MACs(keep))
         except sc.BudgetError as exc:
             print(f"{name}: {exc}", flush=True)
             keep = 0.8
-            small, report = sc.shrink(model, x1, budget=sc.MACs(keep), report=True)
+            small = sc.shrink(model, x1, budget=sc.MACs(keep))
+        report = sc.report_of(small, sc.ShrinkReport)
         t_tp = None
         tp_graph_s = None
         tp_macs = None

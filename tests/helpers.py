@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+
+import secateurs as sc
 
 
 def snapshot(model: nn.Module) -> dict[str, Tensor]:
@@ -19,3 +23,9 @@ def assert_untouched(model: nn.Module, state: dict[str, Tensor]) -> None:
     assert now.keys() == state.keys()
     for k, v in state.items():
         assert torch.equal(now[k], v), k
+
+
+def shrunk(model: nn.Module, example: Any, **options: Any) -> tuple[nn.Module, sc.ShrinkReport]:
+    """``sc.shrink`` and the report it records on the smaller model."""
+    small = sc.shrink(model, example, **options)
+    return small, sc.report_of(small, sc.ShrinkReport)

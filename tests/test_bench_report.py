@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from secateurs.bench import records
 from secateurs.errors import DataError
 from secateurs.report import write_bench_report
 from secateurs.report.bench_html import SCHEMA, aggregate_bench, load_bench_records
@@ -272,7 +273,6 @@ def test_load_bench_records_checks_the_schema(tmp_path: Path) -> None:
 
 
 def test_schema_matches_the_harness() -> None:
-    records = pytest.importorskip("secateurs.bench.records")
     assert records.SCHEMA == SCHEMA
     assert set(_record()) == set(records.RECORD_KEYS)
 

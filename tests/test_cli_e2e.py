@@ -113,11 +113,15 @@ def test_real_fashion_mnist_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "e2e" / "report.md").is_file()
 
 
+IMAGE_RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if "smollm2" not in p.name)
+
+
 @pytest.mark.skipif(
     not data.DEFAULT_FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed"
 )
-@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", IMAGE_RECIPES, ids=lambda p: p.name)
 def test_every_example_recipe_runs_on_a_slice(path: Path, tmp_path: Path) -> None:
+    """Every image recipe; the language-model recipe runs in test_oneshot (slow)."""
     overrides = [
         "data.limit_train=256",
         "data.limit_test=256",

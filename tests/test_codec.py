@@ -24,6 +24,7 @@ from secateurs.compress import (
     share_weights_,
 )
 from secateurs.compress.codec import MAGIC, _plain_state
+from secateurs.compress.sharing import get_shared
 from secateurs.errors import ConfigError, DataError, ModelError
 from secateurs.zoo import build_model
 
@@ -81,8 +82,9 @@ def test_loaded_weights_are_exactly_the_dequantized_ones(
 
 def test_shared_model_round_trips_bit_exact_and_keeps_its_codebooks(tmp_path: Path) -> None:
     model = _pruned("lenet-300-100", 0.9)
-    bits = share_weights_(model, bits={"fc": 4})
-    assert set(bits.values()) == {4}
+    assert share_weights_(model, bits={"fc": 4}) is model
+    shared = [get_shared(m, "weight") for m in model.modules() if isinstance(m, nn.Linear)]
+    assert shared and {s.bits for s in shared if s is not None} == {4}
     x = torch.randn(5, 1, 28, 28)
     expected = model(x)
     info = sc.save_compressed(model, tmp_path / "m.sct")

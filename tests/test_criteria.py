@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import secateurs as sc
 from helpers import assert_untouched, snapshot
 from secateurs.calibration import calibrate
+from secateurs.targets import find_targets
 
 # -- magnitude --------------------------------------------------------------------------
 
@@ -45,7 +46,7 @@ def test_magnitude_l1_and_l2_rank_groups_differently(p: int, pruned_row: int) ->
 
 def test_magnitude_scores_are_abs_and_square() -> None:
     model = linear_with([[-2.0, 0.5], [3.0, -0.0]])
-    (target,) = sc.find_targets(model)
+    (target,) = find_targets(model)
     w = model[0].weight.detach()
     torch.testing.assert_close(sc.Magnitude(p=1).scores(target, None, 0), w.abs())
     torch.testing.assert_close(sc.Magnitude(p=2).scores(target, None, 0), w.square())
@@ -88,7 +89,7 @@ def test_random_ignores_the_weights_and_other_layers() -> None:
 
 
 def test_random_scores_shape_and_range() -> None:
-    (target, _) = sc.find_targets(mlp())
+    (target, _) = find_targets(mlp())
     s = sc.Random().scores(target, None, 3)
     assert s.shape == target.shape and s.dtype == torch.float32
     assert bool((s >= 0).all() and (s < 1).all())
@@ -136,7 +137,7 @@ def test_gradient_criteria_match_hand_computation(name: str) -> None:
     model = tiny()
     data = batches()
     criterion = CRITERIA[name]()
-    targets = sc.find_targets(model)
+    targets = find_targets(model)
     stats = calibrate(model, targets, criterion, data, nn.functional.mse_loss)
     scores = criterion.scores(targets[0], stats[targets[0].name], 0)
     torch.testing.assert_close(scores, hand_scores(name, model, data), rtol=1e-5, atol=1e-7)
@@ -165,7 +166,7 @@ def test_taylor_on_a_masked_model_uses_the_effective_weights() -> None:
     sc.prune_(model, 0.5)
     mask = sc.collect_masks(model)["0.weight"]
     data = batches()
-    targets = sc.find_targets(model)
+    targets = find_targets(model)
     stats = calibrate(model, targets, sc.Taylor(), data, nn.functional.mse_loss)
     scores = sc.Taylor().scores(targets[0], stats["0.weight"], 0)
     torch.testing.assert_close(scores, hand_scores("taylor", model, data), rtol=1e-5, atol=1e-7)
@@ -269,14 +270,14 @@ def test_data_criterion_errors_leave_the_model_untouched(
 
 
 def test_gradient_criterion_scores_without_stats_are_a_config_error() -> None:
-    (target,) = sc.find_targets(tiny())
+    (target,) = find_targets(tiny())
     for criterion in (sc.Taylor(), sc.OBD()):
         with pytest.raises(sc.ConfigError, match="data="):
             criterion.scores(target, None, 0)
 
 
 def test_data_free_criteria_reject_accumulate() -> None:
-    (target,) = sc.find_targets(tiny())
+    (target,) = find_targets(tiny())
     with pytest.raises(NotImplementedError):
         sc.Magnitude().accumulate({}, target, torch.zeros(2, 3))
 

@@ -19,6 +19,7 @@ from torch import nn
 
 import secateurs as sc
 from secateurs.errors import ConfigError
+from secateurs.graph import ChannelGraph, build_graph
 from secateurs.graph import latency as lt
 from secateurs.graph.latency import LatencyTable, default_cache_dir
 from secateurs.metrics import measure_latency, profile
@@ -48,15 +49,15 @@ def small_convnet(width: int = 16, groups: int = 1) -> nn.Sequential:
 
 
 @pytest.fixture(scope="module")
-def vgg(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, sc.ChannelGraph, Path]:
+def vgg(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, ChannelGraph, Path]:
     torch.set_num_threads(1)
     model = build_model("vgg-bn")
     model.eval()
-    return model, sc.build_graph(model, X_VGG), tmp_path_factory.mktemp("latency")
+    return model, build_graph(model, X_VGG), tmp_path_factory.mktemp("latency")
 
 
 @pytest.fixture(scope="module")
-def vgg_table(vgg: tuple[nn.Module, sc.ChannelGraph, Path]) -> LatencyTable:
+def vgg_table(vgg: tuple[nn.Module, ChannelGraph, Path]) -> LatencyTable:
     model, graph, cache = vgg
     previous = torch.get_num_threads()
     start = time.perf_counter()
@@ -96,7 +97,7 @@ def _check_predictions(
     dense, *measured = _measured([model, *smalls], x)
     problems = []
     for r, small, m in zip(removals, smalls, measured, strict=True):
-        predicted = table.estimate(sc.build_graph(small, x).shapes)
+        predicted = table.estimate(build_graph(small, x).shapes)
         ratio_error = _relative_error(predicted / table.dense_estimate(), m / dense)
         if ratio_error > tol or _relative_error(predicted, m) > 2 * tol:
             problems.append(f"removed {r}: predicted {predicted:.3f} ms, measured {m:.3f} ms")
@@ -122,7 +123,7 @@ class _Clock:
 
 
 def test_vgg_table_predicts_pruned_models(
-    vgg: tuple[nn.Module, sc.ChannelGraph, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    vgg: tuple[nn.Module, ChannelGraph, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On a machine whose times are a known function of the layers, shrunk VGG-BNs are
     predicted from their weight shapes alone (no run) within 5%."""
@@ -143,13 +144,13 @@ def test_vgg_table_predicts_pruned_models(
     }
     for removal in (0.3, 0.6):
         small = sc.shrink(model, X_VGG, sc.Sparsity(removal))
-        predicted = table.estimate(sc.build_graph(small, X_VGG).shapes)
+        predicted = table.estimate(build_graph(small, X_VGG).shapes)
         measured = clock.measure_latency(small, X_VGG).median_ms
         assert predicted == pytest.approx(measured, rel=0.05), removal
 
 
 def test_vgg_table_is_built_from_real_timings(
-    vgg: tuple[nn.Module, sc.ChannelGraph, Path], vgg_table: LatencyTable
+    vgg: tuple[nn.Module, ChannelGraph, Path], vgg_table: LatencyTable
 ) -> None:
     """The real table: every layer timed, the dense prediction is the measured dense model,
     and a model with channels removed is predicted faster (no tolerance on real times)."""
@@ -158,11 +159,11 @@ def test_vgg_table_is_built_from_real_timings(
     assert vgg_table.dense_estimate() == pytest.approx(vgg_table.dense_ms, rel=1e-6)
     assert all(ms > 0 for e in vgg_table.entries for row in e.ms for ms in row)
     small = sc.shrink(model, X_VGG, sc.Sparsity(0.6))
-    assert vgg_table.estimate(sc.build_graph(small, X_VGG).shapes) < vgg_table.dense_estimate()
+    assert vgg_table.estimate(build_graph(small, X_VGG).shapes) < vgg_table.dense_estimate()
 
 
 def test_prediction_is_monotone_in_width(
-    vgg: tuple[nn.Module, sc.ChannelGraph, Path], vgg_table: LatencyTable
+    vgg: tuple[nn.Module, ChannelGraph, Path], vgg_table: LatencyTable
 ) -> None:
     """A narrower layer (or network) is never predicted slower: the grids are made monotone."""
     _, graph, _ = vgg
@@ -186,7 +187,7 @@ def test_prediction_is_monotone_in_width(
 
 
 def test_second_build_loads_the_cache_and_times_nothing(
-    vgg: tuple[nn.Module, sc.ChannelGraph, Path],
+    vgg: tuple[nn.Module, ChannelGraph, Path],
     vgg_table: LatencyTable,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -204,16 +205,16 @@ def test_second_build_loads_the_cache_and_times_nothing(
 
 
 def test_cache_key_changes_with_geometry_input_and_threads(
-    vgg: tuple[nn.Module, sc.ChannelGraph, Path], vgg_table: LatencyTable
+    vgg: tuple[nn.Module, ChannelGraph, Path], vgg_table: LatencyTable
 ) -> None:
     model, graph, _ = vgg
     key, _, meta = LatencyTable.describe(model, X_VGG, graph)
     assert key == vgg_table.key  # describing does not depend on timing
     assert meta["threads"] == 1 and meta["torch"] == torch.__version__ and meta["cpu"]
     narrow = build_model("vgg-bn", width=0.5)
-    assert LatencyTable.describe(narrow, X_VGG, sc.build_graph(narrow, X_VGG))[0] != key
+    assert LatencyTable.describe(narrow, X_VGG, build_graph(narrow, X_VGG))[0] != key
     bigger = torch.randn(2, 1, 28, 28)
-    assert LatencyTable.describe(model, bigger, sc.build_graph(model, bigger))[0] != key
+    assert LatencyTable.describe(model, bigger, build_graph(model, bigger))[0] != key
     assert LatencyTable.describe(model, X_VGG, graph, threads=2)[0] != key
     assert LatencyTable.describe(model, X_VGG, graph, points=4)[0] != key
 
@@ -227,7 +228,7 @@ def test_small_convnet_grouped_and_cache_dir_env(
     assert default_cache_dir() == tmp_path / "latency"
     model = small_convnet(width=16, groups=16)
     x = torch.randn(1, 3, 16, 16)
-    graph = sc.build_graph(model, x)
+    graph = build_graph(model, x)
     table = LatencyTable.build(model, x, graph)
     assert table.path is not None and table.path.parent == tmp_path / "latency"
     assert table.path.exists()
@@ -255,7 +256,7 @@ def test_small_convnet_grouped_and_cache_dir_env(
 def test_corrupt_cache_is_measured_again(tmp_path: Path) -> None:
     model = small_convnet(width=8)
     x = torch.randn(1, 3, 8, 8)
-    graph = sc.build_graph(model, x)
+    graph = build_graph(model, x)
     first = LatencyTable.build(model, x, graph, cache_dir=tmp_path, points=2, repeats=1)
     assert first.path is not None
     first.path.write_text("{not json")
@@ -273,4 +274,4 @@ def test_bad_options(options: dict[str, object], tmp_path: Path) -> None:
     model = small_convnet(width=4)
     x = torch.randn(1, 3, 4, 4)
     with pytest.raises(ConfigError, match=next(iter(options))):
-        LatencyTable.build(model, x, sc.build_graph(model, x), cache_dir=tmp_path, **options)  # type: ignore[arg-type]
+        LatencyTable.build(model, x, build_graph(model, x), cache_dir=tmp_path, **options)  # type: ignore[arg-type]

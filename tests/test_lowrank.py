@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 import secateurs as sc
 from secateurs.compress.lowrank import (
+    LowRankReport,
     factorize_,
     factorize_conv,
     factorize_linear,
@@ -20,6 +21,7 @@ from secateurs.compress.lowrank import (
 )
 from secateurs.errors import BudgetError, ConfigError, ModelError
 from secateurs.masks import get_mask
+from secateurs.provenance import report_of
 from secateurs.zoo import build_model, example_input
 
 # ------------------------------------------------------------------------------------------
@@ -284,7 +286,7 @@ def test_energy_rule_on_a_model_reports_kept_energy() -> None:
         model[0].weight.copy_(with_spectrum(40, 48, spectrum))
         model[2].weight.copy_(with_spectrum(32, 40, spectrum, seed=1))
     originals = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
-    report = factorize_(model, energy=0.999)
+    report = report_of(factorize_(model, energy=0.999), LowRankReport)
     sq = torch.tensor(spectrum, dtype=torch.float64).square()
     cum = (sq.cumsum(0) / sq.sum()).tolist()
     expected_rank = next(i + 1 for i, c in enumerate(cum) if c >= 0.999)
@@ -302,23 +304,23 @@ def test_energy_rule_on_a_model_reports_kept_energy() -> None:
 def test_fixed_and_fractional_ranks() -> None:
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 40))
-    report = factorize_(model, rank=5)
+    report = report_of(factorize_(model, rank=5), LowRankReport)
     assert [(m.rank, m.full_rank) for m in report.layers] == [(5, 48), (5, 40)]
     assert model[0][0].out_features == 5 and model[1][1].in_features == 5
     model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 40))
-    report = factorize_(model, rank=0.3)  # 0.3 of 48 is 14.4, rounded up
+    report = report_of(factorize_(model, rank=0.3), LowRankReport)  # 0.3 of 48 is 14.4, rounded up
     assert [m.rank for m in report.layers] == [15, 12]
 
 
 def test_a_layer_that_would_not_shrink_is_skipped() -> None:
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(20, 20), nn.Linear(20, 1))
-    report = factorize_(model, rank=10)
+    report = report_of(factorize_(model, rank=10), LowRankReport)
     # rank 10 of Linear(20, 20) costs 400 = the dense weight; Linear(20, 1) never shrinks
     assert report.layers == []
     assert {s.name for s in report.skipped} == {"0", "1"}
     assert all(type(m) is nn.Linear for m in model)
-    report = factorize_(model, rank=9)
+    report = report_of(factorize_(model, rank=9), LowRankReport)
     assert [m.name for m in report.layers] == ["0"]
     assert report.layers[0].params_after == 9 * 40 + 20
     assert count(model[0]) == 9 * 40 + 20
@@ -343,7 +345,7 @@ def test_params_budget_is_met(mode: str, fraction: float) -> None:
     model = budget_model()
     before = count(model)
     x = torch.randn(2, 8, 4, 4)
-    report = factorize_(model, params=fraction, mode=mode)  # type: ignore[arg-type]
+    report = report_of(factorize_(model, budget=sc.Params(fraction), mode=mode), LowRankReport)  # type: ignore[arg-type]
     after = count(model)
     budget = fraction * before
     assert after <= budget
@@ -360,7 +362,7 @@ def test_params_budget_too_small_is_a_budget_error() -> None:
     model = budget_model()
     types, sd = structure(model), state(model)
     with pytest.raises(BudgetError, match="rank 1 everywhere"):
-        factorize_(model, params=0.01)
+        factorize_(model, budget=sc.Params(0.01))
     assert_same(model, types, sd)
 
 
@@ -397,7 +399,7 @@ def test_zoo_model_end_to_end(name: str, mode: str) -> None:
     x = example_input(name, batch=2)
     expected = model(x).detach()
     before = count(model)
-    report = factorize_(model, energy=0.9999, mode=mode)  # type: ignore[arg-type]
+    report = report_of(factorize_(model, energy=0.9999, mode=mode), LowRankReport)  # type: ignore[arg-type]
     assert len(report.layers) >= 3
     assert all(layer.energy >= 0.9999 for layer in report.layers)
     assert count(model) == before - report.params_before + report.params_after < before
@@ -412,7 +414,10 @@ def test_zoo_model_end_to_end(name: str, mode: str) -> None:
 
 def test_resnet_budget_and_random_weights_forward() -> None:
     model = build_model("resnet-20", seed=0)
-    report = factorize_(model, params=0.4, mode="spatial", exclude=[r"layers\.0\..*"])
+    report = report_of(
+        factorize_(model, budget=sc.Params(0.4), mode="spatial", exclude=[r"layers\.0\..*"]),
+        LowRankReport,
+    )
     assert report.layers and all(not layer.name.startswith("layers.0.") for layer in report.layers)
     assert all(layer.kind in ("conv-spatial", "linear") for layer in report.layers)
     assert model(example_input("resnet-20", batch=2)).shape == (2, 10)
@@ -421,7 +426,7 @@ def test_resnet_budget_and_random_weights_forward() -> None:
 def test_prune_then_factorize_then_prune_again(mlp: nn.Sequential) -> None:
     sc.prune_(mlp, sparsity=0.5)
     masked = [mlp[0].weight.detach().clone(), mlp[2].weight.detach().clone()]
-    report = factorize_(mlp, rank=0.5)
+    report = report_of(factorize_(mlp, rank=0.5), LowRankReport)
     assert [layer.rank for layer in report.layers] == [8, 4]
     for i, (index, w) in enumerate(zip((0, 2), masked, strict=True)):
         s = svdvals64(w)
@@ -441,7 +446,7 @@ def test_prune_then_factorize_then_prune_again(mlp: nn.Sequential) -> None:
 
 
 def test_grouped_conv_is_skipped_by_default_and_refused_by_name(cnn: nn.Module) -> None:
-    report = factorize_(cnn, rank=2)
+    report = report_of(factorize_(cnn, rank=2), LowRankReport)
     skipped = {s.name: s.reason for s in report.skipped}
     assert "groups=2" in skipped["conv2"]
     assert {layer.name for layer in report.layers} == {"conv1", "fc"}
@@ -450,7 +455,7 @@ def test_grouped_conv_is_skipped_by_default_and_refused_by_name(cnn: nn.Module) 
 
 
 def test_a_type_selector_skips_unsupported_layers(cnn: nn.Module) -> None:
-    report = factorize_(cnn, rank=2, include=[nn.Conv2d])
+    report = report_of(factorize_(cnn, rank=2, include=[nn.Conv2d]), LowRankReport)
     assert [layer.name for layer in report.layers] == ["conv1"]
     assert [s.name for s in report.skipped] == ["conv2"]
 
@@ -460,13 +465,13 @@ def test_shared_module_is_replaced_everywhere_and_tied_weights_are_skipped() -> 
     shared = nn.Linear(30, 30)
     model = nn.Sequential(shared, nn.ReLU(), shared)
     x = torch.randn(2, 30)
-    report = factorize_(model, rank=3)
+    report = report_of(factorize_(model, rank=3), LowRankReport)
     assert len(report.layers) == 1 and model[0] is model[2]
     assert isinstance(model[0], nn.Sequential)
     assert model(x).shape == (2, 30)
     tied = nn.Sequential(nn.Linear(30, 30), nn.Linear(30, 30), nn.Linear(30, 30))
     tied[1].weight = tied[0].weight
-    report = factorize_(tied, rank=3)
+    report = report_of(factorize_(tied, rank=3), LowRankReport)
     assert [layer.name for layer in report.layers] == ["2"]
     reasons = {s.name: s.reason for s in report.skipped}
     assert reasons.keys() == {"0", "1"} and all("shared" in r for r in reasons.values())
@@ -490,18 +495,18 @@ BAD: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"rank": -3}, ConfigError, "rank"),
     ({"rank": 1.5}, ConfigError, "rank as a float"),
     ({"rank": "4"}, ConfigError, "rank must be an int"),
-    ({"params": 0.0}, ConfigError, "params"),
-    ({"params": 2}, ConfigError, "params"),
+    ({"budget": sc.Sparsity(0.5)}, ConfigError, r"sc\.Params"),
     ({"energy": 0.9, "rank": 2}, ConfigError, "exactly one of"),
     ({}, ConfigError, "exactly one of"),
     ({"rank": 2, "mode": "depthwise"}, ConfigError, "mode must be one of 'channel', 'spatial'"),
     ({"rank": 2, "include": ["nope"]}, ConfigError, "include pattern 'nope' matches no"),
     ({"rank": 2, "exclude": ["fc", "nope"]}, ConfigError, "exclude pattern 'nope'"),
     ({"rank": 2, "include": ["[bad"]}, ConfigError, "not a valid regular expression"),
-    ({"rank": 2, "include": [42]}, ConfigError, "regex strings or nn.Module"),
+    ({"rank": 2, "include": [42]}, ConfigError, "regex strings, nn.Module subclasses"),
     ({"rank": 2, "include": ["conv2"]}, ModelError, r"conv2 cannot be factorised.*groups=2"),
     ({"rank": 2, "include": ["conv.*"]}, ModelError, "groups"),
-    ({"params": 0.001}, BudgetError, "raise params"),
+    ({"budget": sc.Params(0.001)}, BudgetError, "raise the budget"),
+    ({"budget": 0.5}, ConfigError, r"sc\.Params"),
 ]
 
 
@@ -521,7 +526,7 @@ def test_spatial_mode_refuses_conv1d_by_name_and_skips_it_by_default() -> None:
     with pytest.raises(ModelError, match="spatial"):
         factorize_(model, rank=2, mode="spatial", include=["0"])
     assert_same(model, types, sd)
-    report = factorize_(model, rank=2, mode="spatial")
+    report = report_of(factorize_(model, rank=2, mode="spatial"), LowRankReport)
     assert [s.name for s in report.skipped] == ["0"]
     assert [layer.name for layer in report.layers] == ["2"]
 

@@ -15,6 +15,7 @@ import secateurs.search.netadapt  # registers "netadapt"
 from helpers import assert_untouched, snapshot
 from secateurs.data import synthetic
 from secateurs.errors import BudgetError, ConfigError
+from secateurs.graph import build_graph
 from secateurs.metrics import profile
 from secateurs.search.base import SEARCHES, SearchContext
 from secateurs.search.netadapt import NetAdapt
@@ -150,9 +151,9 @@ def test_latency_budget_met_with_the_cached_table(tmp_path: Path) -> None:
     from secateurs.graph.latency import LatencyTable
 
     x = X_LATENCY
-    table = LatencyTable.build(model, x, sc.build_graph(model, x))
+    table = LatencyTable.build(model, x, build_graph(model, x))
     assert table.from_cache
-    assert table.estimate(sc.build_graph(result.model, x).shapes) == pytest.approx(result.value)
+    assert table.estimate(build_graph(result.model, x).shapes) == pytest.approx(result.value)
 
 
 def test_finetune_really_trains_the_candidates() -> None:
@@ -258,9 +259,9 @@ def test_element_space_and_data_criteria_are_refused() -> None:
         NetAdapt().search(ChannelSpace(convnet(), X), sc.MACs(0.5), SearchContext(weight_score))
 
 
-def test_max_ratio_and_ignored_layers_hold_across_iterations() -> None:
+def test_max_ratio_and_excluded_layers_hold_across_iterations() -> None:
     """The cap is on the original width (not a fraction of what is left each iteration), and
-    an ignored layer (given as a module of the original) keeps its channels."""
+    an excluded layer (given as a module of the original) keeps its channels."""
     model = convnet()
     result = sc.search_allocation(
         model,
@@ -270,7 +271,7 @@ def test_max_ratio_and_ignored_layers_hold_across_iterations() -> None:
         evaluate=weight_score,
         finetune=Counter(),
         max_ratio=0.5,
-        ignored_layers=[model[3]],
+        exclude=[model[3]],
     )
     assert set(result.ratios) == {"0"}
     assert result.ratios["0"] <= 0.5

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import secateurs as sc
+from secateurs.targets import Target, find_targets
 
 SIDE = 5  # input height and width
 
@@ -61,11 +62,11 @@ def archs(draw: st.DrawFn) -> Arch:
     return Arch(draw(st.integers(0, 2**16)), in_ch, convs, widths)
 
 
-def input_dim(t: sc.Target) -> int:
+def input_dim(t: Target) -> int:
     return t.shape[0] if t.transposed else t.shape[1]
 
 
-def canonical_shape(t: sc.Target) -> tuple[int, ...]:
+def canonical_shape(t: Target) -> tuple[int, ...]:
     s = t.shape
     if len(s) == 1:
         return (s[0], 1)
@@ -73,7 +74,7 @@ def canonical_shape(t: sc.Target) -> tuple[int, ...]:
 
 
 @st.composite
-def structures(draw: st.DrawFn, targets: list[sc.Target]) -> sc.Structure:
+def structures(draw: st.DrawFn, targets: list[Target]) -> sc.Structure:
     """Elements, Blocks, Channels, or N:M when every input dimension of ``targets`` divides."""
     kind = draw(st.sampled_from(["elements", "blocks", "channels", "nm"]))
     if kind == "nm":
@@ -93,7 +94,7 @@ def structures(draw: st.DrawFn, targets: list[sc.Target]) -> sc.Structure:
     return sc.Elements()
 
 
-def group_size(structure: sc.Structure, t: sc.Target) -> int:
+def group_size(structure: sc.Structure, t: Target) -> int:
     shape = canonical_shape(t)
     kernel = math.prod(shape[2:])
     if isinstance(structure, sc.Channels):
@@ -104,7 +105,7 @@ def group_size(structure: sc.Structure, t: sc.Target) -> int:
     return 1
 
 
-def nm_ok(t: sc.Target, n: int, m: int) -> bool:
+def nm_ok(t: Target, n: int, m: int) -> bool:
     w = t.weight.detach()
     c = (w.transpose(0, 1) if t.transposed else w).movedim(1, -1)
     blocks = c.reshape(*c.shape[:-1], c.shape[-1] // m, m)
@@ -115,7 +116,7 @@ def nm_ok(t: sc.Target, n: int, m: int) -> bool:
 @given(data=st.data(), arch=archs())
 def test_random_architectures_keep_every_invariant(data: st.DataObject, arch: Arch) -> None:
     model = arch.build()
-    targets = sc.find_targets(model)
+    targets = find_targets(model)
     structure = data.draw(structures(targets))
     allocation = data.draw(st.sampled_from(["global", "uniform", "lamp"]))
     floor = structure.min_sparsity()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -72,13 +73,34 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
         recipe.load(bad)
 
 
+def _leaves(raw: Any, keys: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """Every (key path, value) a recipe sets: its top-level keys and each section's keys (a
+    method spec, itself a mapping, is one value)."""
+    if isinstance(raw, dict) and len(keys) < 2:
+        return [leaf for k, v in raw.items() for leaf in _leaves(v, (*keys, k))]
+    return [(keys, raw)]
+
+
+def _check_file(path: Path) -> None:
+    """The file parses, every key it sets arrives with its value, and it round-trips."""
+    raw = yaml.safe_load(path.read_text())
+    r = recipe.load(path)
+    plain = r.to_dict()
+    for keys, value in _leaves(raw):
+        got: Any = plain
+        for k in keys:
+            got = got[k]
+        assert got == value, ".".join(keys)
+    assert recipe.parse(yaml.safe_load(recipe.dump(r))) == r
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
-def test_example_recipes_are_valid(path: Path) -> None:
-    recipe.load(path)
+def test_example_recipes_are_valid_keep_every_key_and_round_trip(path: Path) -> None:
+    _check_file(path)
 
 
-def test_embedded_demo_recipe_is_valid() -> None:
-    recipe.load(REPO / "src" / "secateurs" / "recipes" / "demo.yaml")
+def test_embedded_demo_recipe_is_valid_keeps_every_key_and_round_trips() -> None:
+    _check_file(REPO / "src" / "secateurs" / "recipes" / "demo.yaml")
 
 
 def test_finetune_follows_training_and_defaults_to_a_tenth_of_its_lr() -> None:

@@ -280,7 +280,7 @@ def test_empty_calibration_split_and_bad_options() -> None:
 
 def test_shrink_ratio_map_errors() -> None:
     model = make_cnn()
-    with pytest.raises(ConfigError, match="names no removable channel group"):
+    with pytest.raises(ConfigError, match="matches no removable channel group"):
         sc.shrink(model, X_CNN, sc.MACs(0.9), allocation={"nope": 0.5})
     with pytest.raises(BudgetError, match="ratio map leaves"):
         sc.shrink(model, X_CNN, sc.MACs(0.1), allocation={"conv1": 0.1})

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import secateurs as sc
+from helpers import shrunk
 from secateurs import cli
 from secateurs.graph import mask_plan_
 from secateurs.metrics import profile
@@ -61,8 +62,8 @@ def test_macs_budget_is_met_within_one_percent_and_counted_like_profile(
     make: Any, allocation: str, round_to: int | None
 ) -> None:
     model = make()
-    small, report = sc.shrink(
-        model, X[:1], budget=sc.MACs(0.5), allocation=allocation, round_to=round_to, report=True
+    small, report = shrunk(
+        model, X[:1], budget=sc.MACs(0.5), allocation=allocation, round_to=round_to
     )
     dense_macs = profile(model, X[:1]).totals["macs"]
     small_macs = profile(small, X[:1]).totals["macs"]
@@ -77,7 +78,7 @@ def test_macs_budget_is_met_within_one_percent_and_counted_like_profile(
 def test_shrunk_model_equals_the_masked_model_and_the_original_is_untouched() -> None:
     model = resnet()
     before = state_copy(model)
-    small, report = sc.shrink(model, X[:1], budget=sc.MACs(0.6), report=True)
+    small, report = shrunk(model, X[:1], budget=sc.MACs(0.6))
     assert same_state(model, before)
     masked = mask_plan_(copy.deepcopy(model), report.plan)
     with torch.no_grad():
@@ -94,7 +95,7 @@ def test_params_and_channel_budgets() -> None:
     total = sum(p.numel() for p in model.parameters())
     small = sc.shrink(model, X[:1], budget=sc.Params(0.5))
     assert sum(p.numel() for p in small.parameters()) <= 0.5 * total
-    small, report = sc.shrink(model, X[:1], budget=sc.Sparsity(0.25), report=True)
+    small, report = shrunk(model, X[:1], budget=sc.Sparsity(0.25))
     assert report.channels_removed >= 0.25 * report.channels_prunable
     assert report.channels_removed <= 0.25 * report.channels_prunable + report.groups
     by_name = sc.shrink(model, X[:1], budget={"name": "macs", "keep": 0.5})
@@ -114,20 +115,24 @@ def test_max_ratio_caps_every_group_and_an_unreachable_budget_says_what_is_reach
     assert same_state(model, before)
 
 
-def test_ignored_layers_keep_their_output_channels() -> None:
+def test_excluded_layers_keep_their_output_channels_and_included_ones_alone_lose_some() -> None:
     model = vgg()
     first = model.features[0][0]
     small = sc.shrink(
-        model, X[:1], budget=sc.MACs(0.6), ignored_layers=["features.0.0", r"features\.1\.0"]
+        model, X[:1], budget=sc.MACs(0.6), exclude=["features.0.0", r"features\.1\.0"]
     )
     assert conv_widths(small)[:2] == [32, 32]
     assert conv_widths(small)[2:] != conv_widths(model)[2:]
-    small = sc.shrink(model, X[:1], budget=sc.MACs(0.6), ignored_layers=[first])
+    small = sc.shrink(model, X[:1], budget=sc.MACs(0.6), exclude=[first])
     assert conv_widths(small)[0] == 32
+    # include: only the layers it names may lose output channels, by type or by name
+    small = sc.shrink(model, X[:1], budget=sc.Params(0.9), include=[r"features\.[34]\.0"])
+    widths, dense = conv_widths(small), conv_widths(model)
+    assert widths[:2] == dense[:2] and widths[4:] == dense[4:] and widths[2:4] != dense[2:4]
     with pytest.raises(sc.ConfigError, match=r"'features\.9'"):
-        sc.shrink(model, X[:1], budget=sc.MACs(0.6), ignored_layers=["features.9"])
+        sc.shrink(model, X[:1], budget=sc.MACs(0.6), exclude=["features.9"])
     with pytest.raises(sc.ConfigError, match="not a module"):
-        sc.shrink(model, X[:1], budget=sc.MACs(0.6), ignored_layers=[nn.Linear(2, 2)])
+        sc.shrink(model, X[:1], budget=sc.MACs(0.6), exclude=[nn.Linear(2, 2)])
 
 
 @pytest.mark.parametrize(
@@ -177,9 +182,7 @@ def test_iterative_steps_finetune_between_cuts_and_the_plan_replays() -> None:
             for p in m.parameters():
                 p.mul_(1.01)
 
-    small, report = sc.shrink(
-        model, X[:1], budget=sc.MACs(0.5), steps=3, finetune=finetune, report=True
-    )
+    small, report = shrunk(model, X[:1], budget=sc.MACs(0.5), steps=3, finetune=finetune)
     assert calls == [1, 2]
     assert 0.49 <= report.macs_ratio <= 0.5
     fresh = resnet()
@@ -191,7 +194,7 @@ def test_iterative_steps_finetune_between_cuts_and_the_plan_replays() -> None:
 
 def test_plan_round_trips_through_safetensors_into_a_fresh_model(tmp_path: Path) -> None:
     model = resnet()
-    small, report = sc.shrink(model, X[:1], budget=sc.MACs(0.5), allocation="global", report=True)
+    small, report = shrunk(model, X[:1], budget=sc.MACs(0.5), allocation="global")
     path = sc.export_safetensors(small, tmp_path / "small.safetensors", channel_plan=report.plan)
     plan = sc.ChannelPlan.from_json(report.plan.to_json())
     assert plan == report.plan
@@ -209,9 +212,7 @@ def test_plan_round_trips_through_safetensors_into_a_fresh_model(tmp_path: Path)
 def test_same_seed_same_plan_and_random_criterion_depends_on_the_seed() -> None:
     model = vgg()
     plans = [
-        sc.shrink(model, X[:1], budget=sc.MACs(0.5), criterion="random", seed=s, report=True)[
-            1
-        ].plan
+        shrunk(model, X[:1], budget=sc.MACs(0.5), criterion="random", seed=s)[1].plan
         for s in (1, 1, 2)
     ]
     assert plans[0] == plans[1] and plans[0] != plans[2]
@@ -298,7 +299,7 @@ class Unknown(nn.Module):
 
 def test_unknown_ops_keep_their_channels_and_are_reported_or_refused_when_strict() -> None:
     model = Unknown().eval()
-    small, report = sc.shrink(model, X[:1], budget=sc.Sparsity(0.2), report=True)
+    small, report = shrunk(model, X[:1], budget=sc.Sparsity(0.2))
     assert small.b.out_channels == 8 and small.a.out_channels < 8
     assert report.unhandled == ["fft_fft in <model>"]  # op name, and where: the model's forward
     with pytest.raises(sc.ModelError, match="fft"):

@@ -20,6 +20,7 @@ from secateurs.compress.inference import (
     SemiStructuredLinear,
     SparseConv2d,
     SparseLinear,
+    SparsifyReport,
     check_semi_structured,
     choose_block,
     densify_,
@@ -28,6 +29,7 @@ from secateurs.compress.inference import (
 )
 from secateurs.errors import ConfigError, ModelError
 from secateurs.masks import raw_parameter, set_mask
+from secateurs.provenance import report_of
 
 
 def _zero_out(weight: Any, density: float, g: torch.Generator) -> None:
@@ -260,7 +262,7 @@ def test_sparsify_replaces_where_faster_and_keeps_outputs(monkeypatch: pytest.Mo
     net = make_net()
     x = torch.randn(2, 3, 4, 4)
     expected = net(x)
-    report = sparsify_(net, x, repeats=3)
+    report = report_of(sparsify_(net, x, repeats=3), SparsifyReport)
     by_name = {layer.name: layer for layer in report.layers}
     assert set(report.replaced) == {"conv", "point", "fc", "shared"}
     assert isinstance(net.conv, SparseConv2d) and isinstance(net.fc, SparseLinear)
@@ -285,7 +287,7 @@ def test_sparsify_never_picks_a_slower_or_unconfirmed_layer(
     monkeypatch.setattr(
         inference, "_interleaved", fake_race({"dense": 10.0, "csr": 9.5, "bsr": 9.8})
     )
-    report = sparsify_(net, x, repeats=3)  # 1.05x < min_speedup 1.1
+    report = report_of(sparsify_(net, x, repeats=3), SparsifyReport)  # 1.05x < min_speedup 1.1
     assert report.replaced == []
     # fast in the first race, slow in the confirmation: a fluke, kept dense. With one format
     # and repeats=3 each layer runs three races: warm-up, the race, the confirmation.
@@ -293,13 +295,13 @@ def test_sparsify_never_picks_a_slower_or_unconfirmed_layer(
         lambda name, race: 10.0 if name == "dense" else (9.5 if race % 3 == 0 else 1.0)
     )
     monkeypatch.setattr(inference, "_interleaved", flaky)
-    report = sparsify_(net, x, repeats=3, formats="csr")
+    report = report_of(sparsify_(net, x, repeats=3, formats="csr"), SparsifyReport)
     assert report.replaced == []
     assert any("confirmation" in layer.reason for layer in report.layers)
     # faster at the median, but stalls now and then (a kernel fighting for a busy core)
     stalls = fake_race({"dense": 10.0, "csr": [1.0, 40.0, 1.0]})
     monkeypatch.setattr(inference, "_interleaved", stalls)
-    report = sparsify_(net, x, repeats=9, formats="csr")
+    report = report_of(sparsify_(net, x, repeats=9, formats="csr"), SparsifyReport)
     assert report.replaced == []
     assert all(
         "slower runs are slower" in layer.reason for layer in report.layers if layer.dense_ms
@@ -315,7 +317,7 @@ def test_sparsify_with_real_timings_is_consistent_and_never_slower() -> None:
     _zero_out(model[0].weight, 0.02, torch.Generator().manual_seed(0))  # very sparse
     x = torch.randn(1, 256)
     expected = model(x)
-    report = sparsify_(model, x, repeats=5)
+    report = report_of(sparsify_(model, x, repeats=5), SparsifyReport)
     assert report.layers[1].chosen == "dense"  # no zeros at all: never measured, never replaced
     assert report.layers[1].dense_ms is None
     assert_consistent(report, model)
@@ -324,7 +326,7 @@ def test_sparsify_with_real_timings_is_consistent_and_never_slower() -> None:
     torch.manual_seed(4)
     again = nn.Sequential(nn.Linear(256, 256))
     _zero_out(again[0].weight, 0.02, torch.Generator().manual_seed(0))
-    report = sparsify_(again, x, repeats=3, min_speedup=1e9)
+    report = report_of(sparsify_(again, x, repeats=3, min_speedup=1e9), SparsifyReport)
     assert report.replaced == [] and isinstance(again[0], nn.Linear)
     assert report.layers[0].dense_ms is not None and report.layers[0].sparse_ms is not None
 
@@ -341,7 +343,7 @@ def test_sparsify_restores_modes_and_masked_layers_become_plain(
         expected = model.eval()(x)
     model.train()
     model[0].eval()
-    report = sparsify_(model, x, formats=["csr"], repeats=2)
+    report = report_of(sparsify_(model, x, formats=["csr"], repeats=2), SparsifyReport)
     assert report.replaced == ["0"]
     assert model.training and model[1].training and model[2].training
     assert not model[0].training  # the new module takes the replaced one's mode
@@ -394,7 +396,7 @@ def test_densify_round_trip_restores_plain_layers(monkeypatch: pytest.MonkeyPatc
     x = torch.randn(2, 3, 4, 4)
     expected = net(x)
     keys = set(net.state_dict())
-    report = sparsify_(net, x, repeats=2)
+    report = report_of(sparsify_(net, x, repeats=2), SparsifyReport)
     chosen = {layer.name: layer for layer in report.layers if layer.name in report.replaced}
     assert {chosen[n].chosen for n in ("point", "fc", "shared")} == {"bsr"}  # the fastest wins
     # conv's 8x27 matrix has no square block: CSR, with the reason BSR was not raced
@@ -437,7 +439,9 @@ def test_semi_structured_errors_are_clear_without_a_gpu() -> None:
 def test_sparsify_reports_why_2_4_was_not_used() -> None:
     model = nn.Sequential(nn.Linear(8, 8))
     _zero_out(model[0].weight, 0.5, torch.Generator().manual_seed(0))
-    report = sparsify_(model, torch.randn(1, 8), formats=("2:4",), repeats=1)
+    report = report_of(
+        sparsify_(model, torch.randn(1, 8), formats=("2:4",), repeats=1), SparsifyReport
+    )
     assert report.replaced == []
     assert "2:4" in report.layers[0].reason
 
@@ -464,7 +468,9 @@ def test_semi_structured_linear_on_gpu(dtype: torch.dtype) -> None:
     back = sparse.to_dense_module()
     assert torch.equal(back.weight, layer.weight)
     model = nn.Sequential(_two_four(128, 256, dtype, "cuda"))
-    report = sparsify_(model, x, formats=("2:4", "csr"), repeats=3, min_speedup=1.0)
+    report = report_of(
+        sparsify_(model, x, formats=("2:4", "csr"), repeats=3, min_speedup=1.0), SparsifyReport
+    )
     assert_consistent(report, model)
     assert densify_(model).get_submodule("0").weight.shape == (128, 256)
 
@@ -491,7 +497,7 @@ def test_shared_modules_are_swapped_everywhere_and_hopeless_candidates_dropped(
     model = nn.Sequential(shared, nn.ReLU(), shared)
     x = torch.randn(2, 16)
     expected = model(x)
-    report = sparsify_(model, x, repeats=5)
+    report = report_of(sparsify_(model, x, repeats=5), SparsifyReport)
     assert report.replaced == ["0"]
     assert "bsr: over 2x slower than dense" in report.layers[0].reason
     assert report.layers[0].candidates["bsr"] == 25.0
@@ -522,7 +528,7 @@ def test_candidates_that_are_wrong_or_fail_are_never_used(monkeypatch: pytest.Mo
     monkeypatch.setattr(inference, "_quiet_build", build)
     model = nn.Sequential(nn.Linear(8, 8))
     _zero_out(model[0].weight, 0.3, torch.Generator().manual_seed(0))
-    report = sparsify_(model, torch.randn(2, 8), repeats=2)
+    report = report_of(sparsify_(model, torch.randn(2, 8), repeats=2), SparsifyReport)
     assert report.replaced == [] and type(model[0]) is nn.Linear
     reason = report.layers[0].reason
     assert "csr: output differs" in reason and "bsr: failed on the layer's input" in reason

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import secateurs as sc
+from helpers import shrunk
 from secateurs.criteria import (
     CRITERIA,
     FPGM,
@@ -410,9 +411,9 @@ def test_channel_criteria_refuse_element_pruning() -> None:
 )
 def test_shrink_end_to_end(criterion: Any) -> None:
     model = net()
-    small, report = sc.shrink(
+    small, report = shrunk(
         model, X[:1], budget=sc.MACs(0.5), criterion=criterion, data=loader(X, Y),
-        loss_fn=F.cross_entropy, report=True,
+        loss_fn=F.cross_entropy,
     )  # fmt: skip
     assert report.macs_after <= 0.5 * report.macs_before
     assert report.channels_removed > 0

@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 
 import secateurs as sc
 from helpers import assert_untouched
+from secateurs.targets import Target, find_targets
 
 
 class Ragged(nn.Module):
@@ -46,30 +47,30 @@ def divisible() -> Divisible:
     return Divisible()
 
 
-def zeros(t: sc.Target) -> int:
+def zeros(t: Target) -> int:
     return int((t.weight == 0).sum())
 
 
-def canonical(t: sc.Target, value: Tensor) -> Tensor:
+def canonical(t: Target, value: Tensor) -> Tensor:
     """``value`` as [out, in, *kernel]."""
     if value.dim() == 1:
         return value.unsqueeze(1)
     return value.transpose(0, 1) if t.transposed else value
 
 
-def nm_nonzeros_per_block(t: sc.Target, m: int) -> Tensor:
+def nm_nonzeros_per_block(t: Target, m: int) -> Tensor:
     """Nonzeros of every block of ``m`` consecutive inputs, one kernel position at a time."""
     c = canonical(t, t.weight.detach()).movedim(1, -1)  # [out, *kernel, in]
     blocks = c.reshape(*c.shape[:-1], c.shape[-1] // m, m)
     return (blocks != 0).sum(-1)
 
 
-def group_size(t: sc.Target, b0: int, b1: int) -> int:
+def group_size(t: Target, b0: int, b1: int) -> int:
     shape = canonical(t, torch.empty(t.shape)).shape
     return min(b0, shape[0]) * min(b1, shape[1]) * math.prod(shape[2:])
 
 
-def assert_tiles_constant(t: sc.Target, b0: int, b1: int) -> None:
+def assert_tiles_constant(t: Target, b0: int, b1: int) -> None:
     mask = t.mask
     assert mask is not None
     c = canonical(t, mask)
@@ -87,7 +88,7 @@ SPARSITIES = [0.0, 0.1, 0.37, 0.5, 0.8, 0.95]
 def test_elements_global_is_exact(s: float) -> None:
     model = ragged()
     sc.prune_(model, s)
-    targets = sc.find_targets(model)
+    targets = find_targets(model)
     total = sum(t.numel for t in targets)
     assert sum(zeros(t) for t in targets) == round(s * total)
 
@@ -96,7 +97,7 @@ def test_elements_global_is_exact(s: float) -> None:
 def test_elements_uniform_is_exact_per_layer(s: float) -> None:
     model = ragged()
     sc.prune_(model, s, allocation=sc.Uniform())
-    for t in sc.find_targets(model):
+    for t in find_targets(model):
         assert zeros(t) == round(s * t.numel), t.name
 
 
@@ -108,7 +109,7 @@ def test_blocks_sparsity_within_one_block(
 ) -> None:
     model = ragged()
     sc.prune_(model, s, structure=sc.Blocks(shape), allocation=allocation)
-    targets = sc.find_targets(model)
+    targets = find_targets(model)
     for t in targets:
         assert_tiles_constant(t, *shape)
     pools = [targets] if allocation == "global" else [[t] for t in targets]
@@ -127,7 +128,7 @@ def test_channels_prune_whole_channels_within_one_channel(
 ) -> None:
     model = ragged()
     sc.prune_(model, s, structure=sc.Channels(dim=dim), allocation=allocation)
-    targets = sc.find_targets(model)
+    targets = find_targets(model)
     for t in targets:
         c = canonical(t, t.weight.detach()).movedim(dim, 0)
         alive = (c != 0).reshape(c.shape[0], -1)
@@ -156,7 +157,7 @@ NM_CASES = [(2, 4), (1, 4), (1, 2), (3, 8), (2, 8)]
 def test_nm_default_sparsity_is_the_pattern(n: int, m: int) -> None:
     model = divisible()
     sc.prune_(model, structure=sc.NM(n, m))
-    for t in sc.find_targets(model):
+    for t in find_targets(model):
         per_block = nm_nonzeros_per_block(t, m)
         assert bool((per_block == n).all()), t.name
         assert zeros(t) == t.numel * (m - n) // m
@@ -171,7 +172,7 @@ def test_nm_above_the_pattern_keeps_the_pattern_and_hits_sparsity(
     s = 1 - n / m + extra * n / m
     model = divisible()
     sc.prune_(model, s, structure=sc.NM(n, m), allocation=allocation)
-    targets = sc.find_targets(model)
+    targets = find_targets(model)
     for t in targets:
         assert bool((nm_nonzeros_per_block(t, m) <= n).all()), t.name
     if allocation == "uniform":

@@ -22,8 +22,6 @@ from secateurs.errors import BudgetError, ConfigError
 from secateurs.registry import Registry
 from secateurs.targets import Target
 
-BUDGETS: Registry[Budget] = Registry("budget")
-
 
 def count_parameters(model: nn.Module) -> int:
     """Number of distinct parameter elements (a masked tensor counts once, tied ones once)."""
@@ -38,6 +36,9 @@ class Budget(ABC):
     @abstractmethod
     def target_sparsity(self, model: nn.Module, targets: Sequence[Target]) -> float:
         """The sparsity over ``targets`` that meets this budget."""
+
+
+BUDGETS: Registry[Budget] = Registry("budget", Budget)
 
 
 @BUDGETS.register("sparsity")

@@ -25,6 +25,9 @@ from secateurs.targets import Target
 
 LossFn = Callable[[Any, Any], Tensor]
 
+#: Calibration batches a data-driven criterion reads per pruning event (pruning and shrinking).
+CALIBRATION_BATCHES = 16
+
 
 class GradientStatistic(Protocol):
     """What :func:`calibrate` feeds: a criterion folding one batch's gradient into its stats."""
@@ -39,7 +42,7 @@ def calibrate(
     criterion: GradientStatistic,
     data: Iterable[Any],
     loss_fn: LossFn | None,
-    calibration_batches: int = 16,
+    calibration_batches: int = CALIBRATION_BATCHES,
 ) -> dict[str, dict[str, Tensor]]:
     """Run up to ``calibration_batches`` batches of ``(inputs, labels)`` and accumulate statistics.
 

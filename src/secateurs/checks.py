@@ -7,7 +7,22 @@ its error says the same thing: what the option is, what was given and what is al
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from secateurs.errors import ConfigError
+
+
+@contextmanager
+def option(name: str) -> Iterator[None]:
+    """Tag a :class:`ConfigError` raised while checking option ``name`` with that name
+    (``exc.key``), so a recipe can say which key was wrong."""
+    try:
+        yield
+    except ConfigError as exc:
+        if exc.key is None:
+            exc.key = name
+        raise
 
 
 def _is_number(value: object) -> bool:

@@ -96,7 +96,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 @contextmanager
 def _progress() -> Iterator[Any]:
-    from secateurs.pipeline import Progress as Callbacks
+    from secateurs.runs import Progress as Callbacks
 
     bar = Progress(
         TextColumn("[bold]{task.description}"),
@@ -181,6 +181,16 @@ def _print_headline(report: dict[str, Any]) -> None:
     table = Table(title=f"{report['title']}: {report['model']} on {report['dataset']}")
     for col in ("", "dense", "pruned", "change"):
         table.add_column(col, justify="right")
+    if "perplexity" in d:
+        table.add_row(
+            "perplexity (held-out text)",
+            f"{d['perplexity']:.2f}",
+            f"{p['perplexity']:.2f}",
+            f"{(p['perplexity'] / d['perplexity'] - 1) * 100:+.1f}%",
+        )
+        _print_lm_rows(table, report)
+        console.print(table)
+        return
     table.add_row(
         "top-1 accuracy",
         f"{d['accuracy']:.2%}",
@@ -231,6 +241,31 @@ def _print_headline(report: dict[str, Any]) -> None:
         "  [dim]Masked weights are stored as zeros in a dense file; the dense-file latency "
         "does not drop until channels are removed or sparse kernels are used.[/dim]"
     )
+
+
+def _print_lm_rows(table: Table, report: dict[str, Any]) -> None:
+    """The rows of a language-model run after its perplexity: sizes, files, time, memory."""
+    d, p, extra = report["dense"], report["pruned"], report.get("extra", {})
+    table.add_row(
+        "nonzero params",
+        f"{d['nonzeros']:,}",
+        f"{p['nonzeros']:,}",
+        _ratio(d["nonzeros"], p["nonzeros"]),
+    )
+    reloaded = extra.get("perplexity_from_hf_directory")
+    if reloaded is not None:
+        table.add_row("perplexity from hf/ (transformers)", "", f"{reloaded:.2f}", "")
+    for key, label in (
+        ("packed_nm", "file bytes (packed N:M)"),
+        ("compressed", "file bytes (.sct)"),
+    ):
+        found = extra.get("export", {}).get(key)
+        if found:
+            table.add_row(label, f"{d['bytes_dense']:,}", f"{found['file_bytes']:,}",
+                          _ratio(d["bytes_dense"], found["file_bytes"]))  # fmt: skip
+    seconds = extra.get("seconds", {})
+    table.add_row("seconds to prune", "", f"{seconds.get('prune', 0):.1f}", "")
+    table.add_row("peak memory (MB)", "", f"{extra.get('peak_rss_mb', 0):,.0f}", "")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -12,7 +12,13 @@ class SecateursError(Exception):
 
 
 class ConfigError(SecateursError, ValueError):
-    """A configuration value (argument, recipe key, budget) is invalid."""
+    """A configuration value (argument, recipe key, budget) is invalid.
+
+    ``key`` names the option that was wrong when the check knows it (a recipe prefixes its
+    section: ``prune.criterion``).
+    """
+
+    key: str | None = None
 
 
 class ModelError(SecateursError, ValueError):

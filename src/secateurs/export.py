@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,9 +36,12 @@ from torch import Tensor, nn
 from torch.utils import _pytree
 
 from secateurs._version import __version__
+from secateurs.compress.formats import PackedNM, to_packed_nm
 from secateurs.errors import ConfigError, ModelError, SecateursError
 from secateurs.graph.surgery import ChannelPlan, apply_plan_
 from secateurs.masks import make_permanent_
+from secateurs.provenance import find_report
+from secateurs.shrink import ShrinkReport
 
 if TYPE_CHECKING:
     import onnx
@@ -652,10 +656,14 @@ def export_safetensors(
     floating tensors of rank >= 2) beside ``metadata`` (values that are not strings are stored
     as JSON). Tied tensors are written once per name, as ``state_dict`` lists them.
 
-    ``channel_plan`` (from :func:`secateurs.shrink` with ``report=True``) is stored in the
-    header, so :func:`load_safetensors` can load the smaller model into a fresh instance of
-    the *original* class by replaying the channel removal first.
+    The channel plan of a model returned by :func:`secateurs.shrink` (or ``channel_plan``
+    given here) is stored in the header, so :func:`load_safetensors` can load the smaller
+    model into a fresh instance of the *original* class by replaying the channel removal
+    first.
     """
+    if channel_plan is None:
+        shrunk = find_report(model, ShrinkReport)
+        channel_plan = None if shrunk is None else shrunk.plan
     header = _metadata_strings(metadata)
     if channel_plan is not None:
         header[CHANNEL_PLAN_KEY] = channel_plan.to_json()
@@ -749,3 +757,99 @@ def _few(keys: list[str], limit: int = 3) -> str:
     shown = ", ".join(repr(k) for k in keys[:limit])
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return f"{len(keys)} key(s): {shown}{more}"
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def export_huggingface(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
+    """Write a ``transformers`` model as a directory ``from_pretrained`` loads back with no
+    secateurs import: ``config.json`` and safetensors weights, masks baked in (pruned weights
+    are zeros), and the tokenizer's files when ``tokenizer`` is given. ``model`` is not
+    modified. Returns the directory."""
+    save = getattr(model, "save_pretrained", None)
+    if not callable(save):
+        raise ModelError(
+            f"{type(model).__name__} is not a transformers model (no save_pretrained); use "
+            "export_safetensors"
+        )
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    baked = _baked_copy(model)
+    baked.save_pretrained(str(target), safe_serialization=True)  # type: ignore[operator]
+    if tokenizer is not None and callable(getattr(tokenizer, "save_pretrained", None)):
+        tokenizer.save_pretrained(str(target))
+    return target
+
+
+# --------------------------------------------------------------------------- packed N:M
+
+
+NM_FORMAT = "secateurs-packed-nm/1"
+
+
+def export_packed_nm(model: nn.Module, path: str | Path, n: int = 2, m: int = 4) -> int:
+    """Write every weight whose blocks of ``m`` inputs hold at most ``n`` nonzeros in the packed
+    ``n:m`` layout (the ``n`` values of each block, and their positions in ``ceil(log2 m)``
+    bits each, as sparse tensor cores read them); other tensors as they are. Returns the file's
+    size in bytes; :func:`load_packed_nm` reads it back."""
+    baked = _baked_copy(model)
+    tensors: dict[str, Tensor] = {}
+    packed: list[str] = []
+    bits = max(1, math.ceil(math.log2(m)))
+    for name, t in untied_state(baked.state_dict()).items():
+        blocks_ok = (
+            t.is_floating_point()
+            and t.dim() >= 2
+            and t.shape[1] % m == 0
+            and bool((t.movedim(1, -1).reshape(-1, m) != 0).sum(-1).max() <= n)
+        )
+        if not blocks_ok:
+            tensors[name] = t
+            continue
+        nm = to_packed_nm(t, n, m)
+        tensors[f"{name}.values"] = nm.values.contiguous()
+        tensors[f"{name}.positions"] = _pack_bits(nm.positions.reshape(-1), bits)
+        tensors[f"{name}.shape"] = torch.tensor(t.shape, dtype=torch.int64)
+        packed.append(name)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": NM_FORMAT, "n": str(n), "m": str(m), "packed": json.dumps(packed)}
+    save_file(tensors, str(target), metadata=header)
+    return target.stat().st_size
+
+
+def load_packed_nm(path: str | Path) -> dict[str, Tensor]:
+    """The dense state dict stored by :func:`export_packed_nm`."""
+    p = _check_file(path)
+    header = read_safetensors_metadata(p)
+    if header.get("format") != NM_FORMAT:
+        raise ModelError(f"{str(p)!r} is not a packed N:M file ({NM_FORMAT})")
+    n, m = int(header["n"]), int(header["m"])
+    bits = max(1, math.ceil(math.log2(m)))
+    raw = load_file(str(p))
+    out: dict[str, Tensor] = {}
+    for name in json.loads(header["packed"]):
+        values = raw.pop(f"{name}.values")
+        shape = tuple(int(v) for v in raw.pop(f"{name}.shape").tolist())
+        positions = _unpack_bits(raw.pop(f"{name}.positions"), bits, values.numel())
+        nm = PackedNM(shape, values, positions.reshape(values.shape), n, m)
+        out[name] = nm.to_dense()
+    out.update(raw)
+    return out
+
+
+def _pack_bits(values: Tensor, bits: int) -> Tensor:
+    """Small non-negative integers (< 2**bits) packed ``8 // bits`` to a byte."""
+    per = 8 // bits
+    pad = (-values.numel()) % per
+    v = torch.cat([values.to(torch.int64), values.new_zeros(pad, dtype=torch.int64)])
+    v = v.reshape(-1, per) << (torch.arange(per, dtype=torch.int64) * bits)
+    return v.sum(1).to(torch.uint8)
+
+
+def _unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    v = (packed.to(torch.int64).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return v.reshape(-1)[:count].to(torch.uint8)

@@ -24,7 +24,21 @@ from secateurs.errors import ModelError
 
 
 class Baked(nn.Module):
-    """Base of secateurs' parametrizations: :func:`make_permanent_` bakes every one of them in."""
+    """Base of secateurs' parametrizations: :func:`make_permanent_` bakes every one of them in.
+
+    ``param_order`` remembers the module's parameter names in their order before the first
+    parametrization moved the tensor away, so that baking puts it back in its place
+    (``state_dict`` keys in the unpruned model's order: ``weight`` before ``bias``).
+    """
+
+    param_order: tuple[str, ...] = ()
+
+
+def register_baked(module: nn.Module, name: str, parametrization: Baked) -> None:
+    """Parametrize ``module.<name>`` with ``parametrization``, remembering where it stood."""
+    if not parametrize.is_parametrized(module, name):
+        parametrization.param_order = tuple(module._parameters)
+    parametrize.register_parametrization(module, name, parametrization, unsafe=True)
 
 
 class Mask(Baked):
@@ -83,7 +97,7 @@ def set_mask(module: nn.Module, name: str, mask: Tensor) -> None:
         )
     mask = mask.to(device=raw.device, dtype=torch.bool)
     if current is None:
-        parametrize.register_parametrization(module, name, Mask(mask), unsafe=True)
+        register_baked(module, name, Mask(mask))
     else:
         current.copy_(mask)
     with torch.no_grad():
@@ -97,9 +111,18 @@ def bake_(module: nn.Module, name: str) -> None:
     parametrization by deleting its property from that class, which would break every copy.
     The module gets a class of its own first, so copies are unaffected.
     """
+    order = next(
+        (p.param_order for p in _parametrization_list(module, name) if isinstance(p, Baked)), ()
+    )
     cls = type(module)
     module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
     parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    params = module._parameters
+    if order:
+        ordered = {k: params[k] for k in order if k in params}
+        ordered.update((k, v) for k, v in params.items() if k not in ordered)
+        params.clear()
+        params.update(ordered)
 
 
 def remove_mask(module: nn.Module, name: str) -> None:

@@ -11,10 +11,8 @@ import contextlib
 import copy
 import dataclasses
 import json
-import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from secateurs._version import __version__
+from secateurs.allocation import Allocation
 from secateurs.budgets import BUDGETS, Budget
 from secateurs.compress import load_compressed, save_compressed, share_weights_
 from secateurs.data import DataBundle, load_dataset
@@ -32,15 +30,18 @@ from secateurs.export import export_onnx, untied_state
 from secateurs.graph.surgery import ChannelPlan, apply_plan_
 from secateurs.masks import collect_masks, make_permanent_
 from secateurs.metrics import evaluate, measure_latency, profile
+from secateurs.pipeline_lm import is_language_model, run_language_model
+from secateurs.provenance import report_of
 from secateurs.pruner import Pruner
-from secateurs.recipe import Recipe, is_search, schedule_in_steps
+from secateurs.recipe import Recipe
 from secateurs.registry import build_dataclass
 from secateurs.report import RunReport, write_report
 from secateurs.report.plots import sensitivity_curves
 from secateurs.report.writer import _jsonable
+from secateurs.runs import Progress, RunResult, versions
 from secateurs.search.base import SearchResult, search_allocation
 from secateurs.search.space import ChannelSpace, ElementSpace, LayerSpace
-from secateurs.shrink import shrink
+from secateurs.shrink import ShrinkReport, shrink
 from secateurs.train import REGULARIZERS, Distillation, TrainConfig, make_optimizer, train
 from secateurs.zoo import build_model
 
@@ -49,33 +50,6 @@ COMPRESSED_FILE = "model.sct"
 ONNX_FILE = "model.onnx"
 DENSE_FILE = "dense.safetensors"
 META_FILE = "model.json"
-
-
-@dataclass
-class Progress:
-    """Callbacks a front end uses to show what is happening (all optional)."""
-
-    phase: Callable[[str, int], None] = lambda name, total: None  #: a phase starts, ``total`` steps
-    advance: Callable[[int, int], None] = lambda done, total: None  #: steps done in the phase
-    message: Callable[[str], None] = lambda text: None  #: a line worth showing
-
-
-@dataclass
-class RunResult:
-    """What :func:`run` produced."""
-
-    report: RunReport
-    model: nn.Module
-    out_dir: Path
-    files: dict[str, Path] = field(default_factory=dict)
-
-
-def versions() -> dict[str, str]:
-    return {
-        "secateurs": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def save_checkpoint(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
@@ -164,7 +138,12 @@ def _measure(
 
 
 def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
-    """Execute ``recipe``; returns the report, the pruned model and where files went."""
+    """Execute ``recipe``; returns the report, the pruned model and where files went.
+
+    A recipe whose model is a language model runs :func:`~secateurs.pipeline_lm.
+    run_language_model` (one-shot pruning from calibration text, perplexity)."""
+    if is_language_model(recipe):
+        return run_language_model(recipe, progress)
     progress = progress or Progress()
     t_start = time.perf_counter()
     torch.manual_seed(recipe.seed)
@@ -178,27 +157,15 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
     structural = recipe.shrink.budget is not None
     masking = p.sparsity is not None or p.budget is not None or not structural
 
-    searching = masking and is_search(p.allocation)
+    searching = masking and p.searching
 
-    def make_pruner(model: nn.Module, allocation: Any = None) -> Pruner:
-        return Pruner(
-            model,
-            p.sparsity if masking else 0.0,
-            budget=p.budget,
-            structure=p.structure,
-            criterion=p.criterion,
-            # a search's ratio map replaces the allocation once found; until then the plan
-            # is checked with the default
-            allocation=allocation or ("global" if searching else p.allocation),
-            schedule=schedule_in_steps(p.schedule, steps_per_epoch),
-            include=p.include or None,
-            exclude=p.exclude or None,
-            params=p.params or None,
-            data=calib,
-            loss_fn=nn.functional.cross_entropy,
-            calibration_batches=p.calibration_batches,
-            seed=recipe.seed,
-        )
+    def make_pruner(model: nn.Module, allocation: Allocation | None = None) -> Pruner:
+        # a search's ratio map replaces the allocation once found; until then the plan is
+        # checked with the default
+        config = p.config(steps_per_epoch, recipe.seed, allocation)
+        if not masking:
+            config = dataclasses.replace(config, sparsity=0.0)
+        return Pruner(model, config=config, data=calib, loss_fn=nn.functional.cross_entropy)
 
     # with shrinking, the pruner is rebuilt on the smaller model; this one checks the plan
     pruner = make_pruner(copy.deepcopy(model) if structural else model)
@@ -403,18 +370,12 @@ def _element_space(
     recipe: Recipe, model: nn.Module, example: Tensor, calib: DataLoader[Any]
 ) -> ElementSpace:
     """The ratio-map space of the recipe's ``prune`` section (masks)."""
-    p = recipe.prune
     return ElementSpace(
         model,
         example,
-        structure=p.structure,
-        criterion=p.criterion,
-        include=p.include or None,
-        exclude=p.exclude or None,
+        recipe.prune.config(1, recipe.seed),
         data=calib,
         loss_fn=nn.functional.cross_entropy,
-        calibration_batches=p.calibration_batches,
-        seed=recipe.seed,
     )
 
 
@@ -422,18 +383,12 @@ def _channel_space(
     recipe: Recipe, model: nn.Module, example: Tensor, calib: DataLoader[Any]
 ) -> ChannelSpace:
     """The ratio-map space of the recipe's ``shrink`` section (removed channels)."""
-    s = recipe.shrink
     return ChannelSpace(
         model,
         example[:1],
-        criterion=s.criterion,
-        max_ratio=s.max_ratio,
-        round_to=s.round_to,
-        ignored_layers=s.ignored_layers,
+        recipe.shrink.config(recipe.seed),
         data=calib,
         loss_fn=nn.functional.cross_entropy,
-        calibration_batches=s.calibration_batches,
-        seed=recipe.seed,
     )
 
 
@@ -507,15 +462,7 @@ def _export(
             model, path, ex.compress_config(), metadata={"model": recipe.model.name}
         )
         make_permanent_(model)
-        loaded = build_model(
-            recipe.model.name,
-            num_classes=meta["num_classes"],
-            in_channels=meta["in_channels"],
-            **recipe.model.options,
-        )
-        if meta.get("channel_plan"):
-            apply_plan_(loaded, ChannelPlan.from_json(meta["channel_plan"]))
-        load_compressed(path, loaded)
+        loaded = load_compressed(path, rebuild_model(meta))
         dense_bytes = dense_path.stat().st_size
         out["compressed"] = {
             "path": str(path),
@@ -552,9 +499,9 @@ def _shrink(
             progress.message(f"shrink step {step}: fine-tuning {between.epochs} epoch(s)")
             train(m, train_loader, between)
 
-    allocation: Any = s.allocation if isinstance(s.allocation, str) else s.allocation["name"]
     found = None
-    if is_search(s.allocation):
+    allocation = None
+    if s.searching:
         space = _channel_space(recipe, model, example, calib)
         found = _search(
             recipe,
@@ -567,23 +514,17 @@ def _shrink(
             progress,
         )
         allocation = found.ratios
-    small, report = shrink(
+    small = shrink(
         model,
         example[:1],
-        budget=s.budget or {},
-        criterion=s.criterion,
-        allocation=allocation,
-        max_ratio=s.max_ratio,
-        round_to=s.round_to,
-        ignored_layers=s.ignored_layers,
+        s.budget or {},
+        s.config(recipe.seed, allocation),
         data=calib,
         loss_fn=nn.functional.cross_entropy,
-        calibration_batches=s.calibration_batches,
-        seed=recipe.seed,
         steps=s.steps,
         finetune=finetune,
-        report=True,
     )
+    report = report_of(small, ShrinkReport)
     progress.message(
         f"removed {report.channels_removed} of {report.channels_prunable} channels: "
         f"MACs {report.macs_before:,} -> {report.macs_after:,} ({report.macs_ratio:.1%})"

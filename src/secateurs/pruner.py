@@ -7,20 +7,36 @@ for every target before any is attached, so an error leaves the model untouched.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from secateurs.allocation import ALLOCATIONS, Allocation, Global, select_lowest
+from secateurs.allocation import ALLOCATIONS, Allocation, Global, LayerMap, Uniform, select_lowest
 from secateurs.budgets import BUDGETS, Budget, Sparsity
-from secateurs.calibration import LossFn, calibrate, dense_gradients
-from secateurs.checks import check_sparsity
-from secateurs.criteria import CRITERIA, ChannelCriterion, Criterion, Magnitude
+from secateurs.calibration import CALIBRATION_BATCHES, LossFn, calibrate, dense_gradients
+from secateurs.checks import check_int, check_sparsity, option
+from secateurs.criteria import (
+    CRITERIA,
+    ChannelCriterion,
+    Criterion,
+    LayerwiseCriterion,
+    Magnitude,
+    Wanda,
+)
+from secateurs.criteria.layerwise import check_layer
 from secateurs.errors import ConfigError
 from secateurs.masks import remove_mask, set_mask
-from secateurs.registry import to_spec
+from secateurs.oneshot import (
+    Progress,
+    column_norms,
+    layer_of,
+    layerwise_targets,
+    prune_layerwise_,
+)
+from secateurs.provenance import record
+from secateurs.registry import build_dataclass, to_spec
 from secateurs.schedules import (
     SCHEDULES,
     Densify,
@@ -32,9 +48,10 @@ from secateurs.schedules import (
     Schedule,
     Snapshot,
 )
+from secateurs.selection import Selector, compile_selectors
 from secateurs.sparse_training import WeightSnapshot, drop_and_grow, reset_optimizer_state
-from secateurs.structures import STRUCTURES, Elements, GroupScores, Structure
-from secateurs.targets import Selector, Target, find_targets
+from secateurs.structures import NM, STRUCTURES, Elements, GroupScores, Structure
+from secateurs.targets import Target, find_targets
 
 #: Pools up to this many elements keep their group scores between selection passes.
 _CACHE_LIMIT = 1 << 25
@@ -132,6 +149,99 @@ def _element_criterion(criterion: Criterion) -> Criterion:
 
 
 @dataclass
+class PruneConfig:
+    """A pruning plan: what is pruned, how much, how it is scored and shared, and when.
+
+    The one description of pruning options: :func:`prune_` and :class:`Pruner` take them as
+    keywords (or ``config=``), a recipe's ``prune:`` section is this config (with schedule
+    times in epochs), and the element search space of :mod:`secateurs.search` prunes its
+    candidates with it. Every method option takes an object, a registry name
+    (``criterion="obd"``) or ``{"name": ..., **options}``; ``None`` is the default below, and
+    anything else that names no method (``""``, ``{}``, a number) is a
+    :class:`~secateurs.ConfigError`.
+
+    * ``sparsity`` (a fraction in [0, 1)) or ``budget`` (``sc.Params``, ``sc.Bytes``, ...):
+      how much; with an N:M structure and neither, the pattern's ``1 - n/m``; with a
+      :class:`LayerMap` that has a ``default``, the map says it all.
+    * ``structure``: elements (default), ``nm``, ``blocks``, ``channels`` (as masks).
+    * ``criterion``: magnitude (default, ``p=1``: for masks the order of |w| and w**2 is the
+      same, and LAMP's layer normalisation is defined on |w|).
+    * ``allocation``: ``global`` (default), ``uniform``, ``lamp``, ``erk``, ``owl`` or a
+      :class:`LayerMap`; ``uniform`` is the default of the layer-wise criteria (``wanda``,
+      ``sparsegpt``, ``obs``), which prune each layer on its own.
+    * ``schedule``: ``oneshot`` (default) or any of :data:`secateurs.SCHEDULES`.
+    * ``include`` / ``exclude`` select the layers (:mod:`secateurs.selection`); ``params``
+      adds other parameters by regex over their names (a bias, a bare ``nn.Parameter``).
+    * ``calibration_batches``: batches of ``data`` a data-driven criterion reads per event.
+    * ``seed``: random criteria and schedules draw from it.
+    """
+
+    sparsity: float | None = None
+    budget: Budget | Spec | None = None
+    structure: Structure | Spec | None = None
+    criterion: Criterion | Spec | None = None
+    allocation: Allocation | Spec | None = None
+    schedule: Schedule | Spec | None = None
+    include: Sequence[Selector] | None = None
+    exclude: Sequence[Selector] | None = None
+    params: Sequence[str] | None = None
+    calibration_batches: int = CALIBRATION_BATCHES
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        with option("structure"):
+            self.structure_: Structure = STRUCTURES.build(self.structure, Elements())
+        with option("criterion"):
+            self.criterion_ = _element_criterion(CRITERIA.build(self.criterion, Magnitude()))
+        with option("allocation"):
+            self.allocation_: Allocation = self._build_allocation()
+        with option("schedule"):
+            self.schedule_ = self._build_schedule()
+        with option("sparsity"):
+            if self.sparsity is not None:
+                check_sparsity(self.sparsity)
+                if self.budget is not None:
+                    raise ConfigError("give either sparsity= or budget=, not both")
+        with option("budget"):
+            self.budget_: Budget | None = (
+                None if self.budget is None else BUDGETS.build(self.budget)
+            )
+        for key in ("include", "exclude", "params"):
+            with option(key):
+                compile_selectors(getattr(self, key), key)
+        with option("calibration_batches"):
+            check_int(self.calibration_batches, "calibration_batches", 1)
+        with option("seed"):
+            check_int(self.seed, "seed", 0)
+        schedule = self.schedule_
+        if (
+            schedule is not None
+            and schedule.moves_weights
+            and not isinstance(self.structure_, Elements)
+        ):
+            raise ConfigError(
+                f"schedule {type(schedule).__name__} drops and grows single weights; "
+                f"it works with structure 'elements', not {type(self.structure_).__name__}"
+            )
+
+    def _build_allocation(self) -> Allocation:
+        """The allocation object (a recipe's section may name a search instead). Layer-wise
+        criteria prune each layer to its own sparsity: their default is ``uniform``."""
+        layerwise = isinstance(self.criterion_, LayerwiseCriterion)
+        allocation = ALLOCATIONS.build(self.allocation, Uniform() if layerwise else Global())
+        if layerwise and isinstance(allocation, Global):
+            raise ConfigError(
+                f"{self.criterion_.registry_name} prunes each layer to its own sparsity from its "
+                f"inputs; allocation {allocation.registry_name!r} ranks weights across layers. "
+                "Use uniform, owl, erk or a LayerMap"
+            )
+        return allocation
+
+    def _build_schedule(self) -> Schedule | None:
+        """The schedule object (a recipe's section, whose times are epochs, checks its own)."""
+        return SCHEDULES.build(self.schedule, OneShot())
+
+
 class Pruner:
     """Prunes ``model`` according to a plan, one-shot or on a schedule inside a training loop.
 
@@ -142,83 +252,120 @@ class Pruner:
             ...; optimizer.step(); pruner.step()
         sc.make_permanent_(model)
 
-    Every method argument accepts an object, a registry name (``criterion="obd"``) or a
-    mapping ``{"name": ..., **options}``. ``sparsity`` is shorthand for ``Sparsity(sparsity)``;
-    with an N:M structure and neither given, the sparsity is the pattern's ``1 - n/m``.
+    The plan is a :class:`PruneConfig`, given as keywords or as ``config=``. Pruning while
+    training recovers best at the **training learning rate**: with gradual pruning (Zhu &
+    Gupta) the weights must keep moving as the mask tightens; a tenth of the rate lost 3.2
+    points on LeNet-300-100 at 99% (see the README's fine-grained benchmark). Fine-tuning
+    *after* one-shot pruning is where a tenth of the rate belongs.
+
     Data-driven criteria (Taylor, OBD) need ``data`` (an iterable of ``(inputs, labels)``) and
     ``loss_fn``; they are calibrated on ``calibration_batches`` batches at each pruning event.
-    RigL needs them too, for its dense gradients.
+    RigL needs them too, for its dense gradients. Schedules that move, revive or rewind
+    weights (SET, RigL, lottery tickets, DSD, IHT) should be given the training
+    ``optimizer``: the momentum and Adam moments of a grown or rewound weight are reset, as the
+    methods prescribe. Call ``step()`` once before the first optimizer step too, so step 0 (a
+    sparse initialisation, the lottery's rewind point) sees the initial weights.
 
-    Schedules that move, revive or rewind weights (SET, RigL, lottery tickets, DSD, IHT) should
-    be given the training ``optimizer``: the momentum and Adam moments of a grown or rewound
-    weight are reset, as the methods prescribe. Call ``step()`` once before the first
-    optimizer step too, so step 0 (a sparse initialisation, the lottery's rewind point) sees
-    the initial weights.
+    Pruning never regrows a weight: asking for less than the sparsity the targets already
+    have (a schedule starting below it, ``prune_to`` a lower value) is a ConfigError.
     """
 
-    model: nn.Module = field(repr=False)
-    sparsity: float | None = None
-    budget: Budget | Spec | None = None
-    structure: Structure | Spec | None = None
-    criterion: Criterion | Spec | None = None
-    allocation: Allocation | Spec | None = None
-    schedule: Schedule | Spec | None = None
-    include: Sequence[Selector] | None = None
-    exclude: Sequence[Selector] | None = None
-    params: Sequence[str] | None = None
-    data: Iterable[Any] | None = field(default=None, repr=False)
-    loss_fn: LossFn | None = field(default=None, repr=False)
-    calibration_batches: int = 16
-    seed: int = 0
-    optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
-    steps_done: int = field(default=0, init=False)
-    history: list[PruneEvent] = field(default_factory=list, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.structure_ = STRUCTURES.build(self.structure or Elements())
-        self.criterion_ = _element_criterion(CRITERIA.build(self.criterion or Magnitude()))
-        self.allocation_ = ALLOCATIONS.build(self.allocation or Global())
-        self.schedule_ = SCHEDULES.build(self.schedule or OneShot())
-        if self.sparsity is not None and self.budget is not None:
-            raise ConfigError("give either sparsity= or budget=, not both")
-        budget: Budget | Spec | None = self.budget
-        if budget is None and self.sparsity is not None:
-            budget = Sparsity(self.sparsity)
-        if budget is None:
-            floor = self.structure_.min_sparsity()
-            if floor == 0:
-                raise ConfigError(
-                    "no target given: pass sparsity=<fraction in [0, 1)> or "
-                    "budget=sc.Sparsity(...)/sc.Params(...)"
-                )
-            budget = Sparsity(floor)
-        self.budget_ = BUDGETS.build(budget)
-        self.targets = find_targets(self.model, self.include, self.exclude, self.params)
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float | None = None,
+        *,
+        config: PruneConfig | None = None,
+        data: Iterable[Any] | None = None,
+        loss_fn: LossFn | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> None:
+        if config is None:
+            config = build_dataclass(PruneConfig, {"sparsity": sparsity, **options}, "Pruner")
+        elif sparsity is not None or options:
+            raise ConfigError(
+                "give the plan either as config=PruneConfig(...) or as keywords, not both"
+            )
+        self.config = config
+        self.model = model
+        self.data = data
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.progress = progress
+        self.steps_done = 0
+        #: what a training-time criterion (movement) has observed, by target name
+        self._observed: dict[str, dict[str, Tensor]] = {}
+        self.history: list[PruneEvent] = []
+        self._snapshot: WeightSnapshot | None = None
+        if config.schedule_ is None:
+            raise ConfigError("a recipe's prune section must be converted to steps first")
+        self.structure_ = config.structure_
+        self.criterion_ = config.criterion_
+        self.allocation_ = config.allocation_
+        self.schedule_: Schedule = config.schedule_
+        self.targets = find_targets(model, config.include, config.exclude, config.params)
+        if isinstance(self.criterion_, LayerwiseCriterion) and config.include is None:
+            self.targets = layerwise_targets(model, self.targets)
         for t in self.targets:
             self.structure_.check(t)
-        self.final_sparsity = self.budget_.target_sparsity(self.model, self.targets)
+        self.budget_, self.final_sparsity = self._final_sparsity()
         floor = self.structure_.min_sparsity()
         if self.final_sparsity < floor - 1e-9:
             raise ConfigError(
                 f"{type(self.structure_).__name__} prunes at least {floor:.4g} of each tensor; "
                 f"the budget asks for {self.final_sparsity:.4g}"
             )
+        self.schedule_.check(self.final_sparsity)
+        if isinstance(self.criterion_, LayerwiseCriterion):
+            for t in self.targets:
+                check_layer(t)
+            if not isinstance(self.structure_, (Elements, NM)):
+                raise ConfigError(
+                    f"{self.criterion_.registry_name} prunes single weights or N:M blocks; "
+                    f"structure {type(self.structure_).__name__} is not one of them"
+                )
         for part in (self.criterion_, self.schedule_):
-            if part.needs_data and self.data is None:
+            if part.needs_data and data is None:
                 raise ConfigError(
                     f"{type(part).__name__} needs calibration data: pass "
                     "data=<DataLoader of (inputs, labels)> and loss_fn=<callable(output, labels)>"
                 )
-        if self.schedule_.moves_weights and not isinstance(self.structure_, Elements):
-            raise ConfigError(
-                f"schedule {type(self.schedule_).__name__} drops and grows single weights; "
-                f"it works with structure 'elements', not {type(self.structure_).__name__}"
+
+    def _final_sparsity(self) -> tuple[Budget, float]:
+        """The budget and the sparsity over the targets that meets it."""
+        budget = self.config.budget_
+        if budget is None and self.config.sparsity is not None:
+            budget = Sparsity(self.config.sparsity)
+        if budget is None:
+            allocation = self.allocation_
+            mean = (
+                allocation.mean_sparsity(self.targets) if isinstance(allocation, LayerMap) else None
             )
-        self._snapshot: WeightSnapshot | None = None
+            floor = self.structure_.min_sparsity()
+            if mean is None and floor == 0:
+                raise ConfigError(
+                    "no target given: pass sparsity=<fraction in [0, 1)>, "
+                    "budget=sc.Sparsity(...)/sc.Params(...), or a LayerMap with a default"
+                )
+            budget = Sparsity(min(max(mean or 0.0, floor), 1 - 1e-9))
+        return budget, budget.target_sparsity(self.model, self.targets)
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def calibration_batches(self) -> int:
+        return self.config.calibration_batches
 
     # -- driving -------------------------------------------------------------------------
     def step(self) -> bool:
         """Advance the schedule by one step and carry out its events. True if any happened."""
+        if self.criterion_.observes_training:
+            for t in self.targets:
+                self.criterion_.observe(self._observed.setdefault(t.name, {}), t)
         events = self.schedule_.events_at(self.steps_done, self.final_sparsity)
         for event in events:
             _HANDLERS[type(event)](self, event)
@@ -322,9 +469,27 @@ class Pruner:
         ``criterion`` and ``allocation`` replace the pruner's own for this call.
         """
         sparsity = check_sparsity(sparsity)
+        total = sum(t.numel for t in self.targets)
+        masked = sum(int((~t.mask).sum()) for t in self.targets if t.mask is not None)
+        # each tensor (one pool per layer at most) may round by half its largest group
+        slack = sum(self.structure_.largest_group(t) for t in self.targets) / 2 / total
+        if masked / total > sparsity + slack:
+            raise ConfigError(
+                f"the selected tensors already have {masked / total:.4f} of their weights "
+                f"pruned, more than the {sparsity:.4f} asked; pruning never regrows weights. "
+                "Start from the dense model, or ask for at least the current sparsity (a "
+                "schedule's initial sparsity included)."
+            )
         criterion = criterion or self.criterion_
-        stats = None
-        if criterion.needs_data:
+        allocation = allocation or self.allocation_
+        if isinstance(criterion, LayerwiseCriterion):
+            masks = self._prune_layerwise(criterion, allocation, sparsity)
+            self._record(kind, sparsity)
+            return masks
+        stats: Mapping[str, Mapping[str, Tensor]] | None = None
+        if criterion.observes_training:
+            stats = {t.name: self._observed.get(t.name, {}) for t in self.targets}
+        elif criterion.needs_data:
             if self.data is None:
                 raise ConfigError(f"{type(criterion).__name__} needs data= and loss_fn=")
             stats = calibrate(
@@ -340,7 +505,7 @@ class Pruner:
             sparsity,
             structure=self.structure_,
             criterion=criterion,
-            allocation=allocation or self.allocation_,
+            allocation=allocation,
             stats=stats,
             seed=self.seed + len(self.history),
         )
@@ -355,6 +520,55 @@ class Pruner:
         self._reset_pruned_state(before)
         self._record(kind, sparsity)
         return new_masks
+
+    def _prune_layerwise(
+        self, criterion: LayerwiseCriterion, allocation: Allocation, sparsity: float
+    ) -> dict[str, Tensor]:
+        """Prune every target on its own from its inputs (the one-shot engine)."""
+        if self.data is None:
+            raise ConfigError(
+                f"{criterion.registry_name} needs calibration data: pass data=<batches the "
+                "model takes> (token ids, (inputs, labels) pairs or keyword mappings)"
+            )
+        if allocation.needs_scores:
+            norms = column_norms(self.model, self.targets, self.data, self.calibration_batches)
+            scores = {t.name: Wanda().scores(t, norms[t.name], self.seed) for t in self.targets}
+            allocation.fit(scores, layer_of(self.model, self.targets))
+        pattern = None
+        if isinstance(self.structure_, NM):
+            if sparsity > self.structure_.min_sparsity() + 1e-9:
+                raise ConfigError(
+                    f"{criterion.registry_name} prunes exactly {self.structure_.n}:"
+                    f"{self.structure_.m}; a sparsity above {self.structure_.min_sparsity():.4g} "
+                    "is not a pattern it makes"
+                )
+            pattern = (self.structure_.n, self.structure_.m)
+        sparsities: dict[str, float] = {}
+        for pool in allocation.pools(self.targets, sparsity):
+            if len(pool.members) != 1:
+                raise ConfigError(
+                    f"{criterion.registry_name} prunes each layer to its own sparsity; allocation "
+                    f"{allocation.registry_name!r} pools layers together. Use uniform, owl, erk "
+                    "or a LayerMap"
+                )
+            sparsities[self.targets[pool.members[0]].name] = check_sparsity(pool.sparsity)
+        report = prune_layerwise_(
+            self.model,
+            self.targets,
+            criterion,
+            sparsities,
+            self.data,
+            pattern=pattern,
+            sequential=criterion.sequential,
+            calibration_batches=self.calibration_batches,
+            progress=self.progress,
+        )
+        record(self.model, report)
+        return {t.name: t.mask.clone() for t in self.targets if t.mask is not None}
+
+    def prune_to_final(self) -> dict[str, Tensor]:
+        """Prune the targets to the plan's final sparsity now (what :func:`prune_` does)."""
+        return self.prune_to(self.final_sparsity)
 
     def _reset_pruned_state(self, before: Mapping[str, Tensor | None]) -> None:
         """Zero the optimizer state of weights that were just pruned (they may be revived)."""
@@ -412,20 +626,13 @@ def prune_(
     """Prune ``model`` once, in place, and return it (masks stay attached).
 
     ``sc.prune_(model, sparsity=0.9)`` is global magnitude pruning of every Linear/Conv/
-    Embedding/attention weight. Options are those of :class:`Pruner` (``structure``,
-    ``criterion``, ``allocation``, ``budget``, ``include``, ``exclude``, ``params``, ``data``,
-    ``loss_fn``, ``calibration_batches``, ``seed``). Call :func:`make_permanent_` to bake the masks in.
+    Embedding/attention weight. Options are those of :class:`PruneConfig` (``structure``,
+    ``criterion``, ``allocation``, ``budget``, ``include``, ``exclude``, ``params``,
+    ``calibration_batches``, ``seed``; or ``config=``), plus ``data`` and ``loss_fn`` for
+    data-driven criteria. Pruning a pruned model further never revives a weight; asking for
+    less than it has is an error. Call :func:`make_permanent_` to bake the masks in.
     """
     if "schedule" in options:
         raise ConfigError("prune_ is one-shot; use sc.Pruner(..., schedule=...) for schedules")
-    pruner = Pruner(model, sparsity, **options)
-    masked = any(t.mask is not None for t in pruner.targets)
-    total = sum(t.numel for t in pruner.targets)
-    slack = max(pruner.structure_.largest_group(t) for t in pruner.targets) / 2 / total
-    if masked and pruner.final_sparsity + slack < (current := pruner.measured_sparsity()):
-        raise ConfigError(
-            f"the selected tensors already have sparsity {current:.4f}, above the {pruner.final_sparsity:.4f} "
-            "asked; pruning never regrows weights. Start from the dense model, or ask for more."
-        )
-    pruner.prune_to(pruner.final_sparsity)
+    Pruner(model, sparsity, **options).prune_to_final()
     return model

@@ -21,16 +21,16 @@ from typing import Any
 
 import yaml
 
-from secateurs.allocation import ALLOCATIONS
+from secateurs.allocation import Allocation, Global, LayerMap
 from secateurs.budgets import BUDGETS
+from secateurs.checks import check_int, option
 from secateurs.compress.codec import CompressConfig
-from secateurs.criteria import CRITERIA
 from secateurs.errors import ConfigError
-from secateurs.registry import Registry, build_dataclass
-from secateurs.schedules import SCHEDULES
+from secateurs.pruner import PruneConfig
+from secateurs.registry import build_dataclass
+from secateurs.schedules import SCHEDULES, Schedule
 from secateurs.search import SEARCHES
-from secateurs.shrink import ALLOCATIONS as SHRINK_ALLOCATIONS
-from secateurs.structures import STRUCTURES
+from secateurs.shrink import ShrinkConfig
 from secateurs.train import REGULARIZERS, Distillation, TrainConfig, finetune_config
 
 MethodSpec = str | dict[str, Any]
@@ -58,27 +58,57 @@ class DataSection:
     limit_test: int | None = None
     #: Held-out training examples used by data-driven criteria.
     calibration_examples: int = 2048
+    #: Text data sets (``english-text``, for language models): tokens per window, and how many
+    #: non-overlapping windows calibrate the pruning and score the perplexity (from disjoint
+    #: parts of the text). ``batch_size`` is then windows per forward pass.
+    window: int = 512
+    calibration_windows: int = 64
+    evaluation_windows: int = 32
 
 
 @dataclass
-class PruneSection:
-    """The plan: what to prune, how much, by which criterion and allocation, when.
+class PruneSection(PruneConfig):
+    """The plan: a :class:`~secateurs.pruner.PruneConfig`, with two recipe forms.
 
-    ``allocation`` may also be an automatic search (``sensitivity``, ``amc``, ``netadapt``),
-    which finds per-layer ratios for the budget before pruning (scored on the calibration
-    split); the schedule then prunes each layer to its ratio.
+    Schedule times (``start``, ``end``, ``every``, ``at``, ``rewind``, ``sparse``, ``dense``)
+    are epochs of the fine-tuning phase (fractions allowed), converted to optimizer steps when
+    the run knows the data set's size. ``allocation`` may also be an automatic search
+    (``sensitivity``, ``amc``, ``netadapt``), which finds per-layer ratios for the budget
+    before pruning (scored on the calibration split); the schedule then prunes each layer to
+    its ratio. The recipe's top-level ``seed`` seeds it.
     """
 
-    sparsity: float | None = None
-    budget: MethodSpec | None = None
-    structure: MethodSpec = "elements"
-    criterion: MethodSpec = "magnitude"
-    allocation: MethodSpec = "global"
-    schedule: MethodSpec = "oneshot"
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    params: list[str] = field(default_factory=list)
-    calibration_batches: int = 16
+    seed: int = field(default=0, init=False)
+
+    def _build_allocation(self) -> Allocation:
+        if is_search(self.allocation):
+            _check_search(self.allocation)
+            return Global()  # the plan is checked with the default until the search is run
+        try:
+            return super()._build_allocation()
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; or a search: {', '.join(SEARCHES.names())}") from None
+
+    def _build_schedule(self) -> Schedule | None:
+        _check_schedule(self.schedule if self.schedule is not None else "oneshot")
+        return None
+
+    @property
+    def searching(self) -> bool:
+        """True when the allocation is a search to run before pruning."""
+        return is_search(self.allocation)
+
+    def config(
+        self, steps_per_epoch: int, seed: int, allocation: Allocation | None = None
+    ) -> PruneConfig:
+        """This section as a pruning plan: schedule times in steps, the recipe's ``seed``, and
+        ``allocation`` (the ratio map a search found) in place of the search."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(PruneConfig)}
+        values["seed"] = seed
+        values["schedule"] = schedule_in_steps(self.schedule or "oneshot", steps_per_epoch)
+        if allocation is not None or self.searching:
+            values["allocation"] = allocation
+        return PruneConfig(**values)
 
 
 @dataclass
@@ -91,29 +121,65 @@ class TrainSection(TrainConfig):
 
 
 @dataclass
-class ShrinkSection:
-    """Structural pruning: remove channels for real (see :func:`secateurs.shrink`).
+class ShrinkSection(ShrinkConfig):
+    """Structural pruning: remove channels for real (:func:`secateurs.shrink`); the options
+    are those of :class:`~secateurs.shrink.ShrinkConfig`, plus:
 
-    Off unless ``budget`` is set (``{name: macs, keep: 0.5}``, ``{name: params, keep: 0.6}``
-    or ``{name: sparsity, value: 0.3}`` for a fraction of channels). It runs after dense
+    ``budget``: off unless set (``{name: macs, keep: 0.5}``, ``{name: params, keep: 0.6}`` or
+    ``{name: sparsity, value: 0.3}`` for a fraction of channels). It runs after dense
     training and before the ``prune`` section, which may then mask the smaller model further.
-    With ``steps`` > 1 the budget is reached in equal cuts with ``epochs_between`` epochs of
+    ``steps`` > 1 reaches the budget in equal cuts with ``epochs_between`` epochs of
     fine-tuning after each cut but the last; the ``finetune`` section follows at the end.
-    ``allocation``: ``uniform``, ``global``, or an automatic search (``sensitivity``, ``amc``,
-    ``netadapt``, with their options as ``{name: amc, episodes: 40}``) that finds per-layer
-    ratios meeting the budget, scored on the calibration split (training examples, never
-    the test set).
+    ``allocation`` may also be an automatic search (``sensitivity``, ``amc``, ``netadapt``,
+    with their options as ``{name: amc, episodes: 40}``) that finds per-layer ratios meeting
+    the budget, scored on the calibration split (training examples, never the test set). The
+    recipe's top-level ``seed`` seeds it.
     """
 
+    seed: int = field(default=0, init=False)
     budget: MethodSpec | None = None
-    criterion: MethodSpec = field(default_factory=lambda: {"name": "magnitude", "p": 2})
-    allocation: MethodSpec = "uniform"
-    max_ratio: float = 0.9
-    round_to: int | None = None
-    ignored_layers: list[str] = field(default_factory=list)
     steps: int = 1
     epochs_between: int = 1
-    calibration_batches: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        with option("steps"):
+            check_int(self.steps, "steps", 1)
+        with option("epochs_between"):
+            check_int(self.epochs_between, "epochs_between", 0)
+        with option("budget"):
+            if self.budget is not None:
+                name = BUDGETS.build(self.budget).registry_name
+                if name not in STRUCTURAL_BUDGETS:
+                    raise ConfigError(
+                        f"budget {self.budget!r} cannot be met by removing channels; "
+                        f"structural budgets are {', '.join(STRUCTURAL_BUDGETS)}"
+                    )
+
+    def _build_allocation(self) -> str | LayerMap | None:
+        if is_search(self.allocation):
+            _check_search(self.allocation)
+            return None  # found when the recipe runs
+        try:
+            return super()._build_allocation()
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; or a search: {', '.join(SEARCHES.names())}") from None
+
+    @property
+    def searching(self) -> bool:
+        """True when the allocation is a search to run before shrinking."""
+        return is_search(self.allocation)
+
+    def config(self, seed: int, allocation: LayerMap | None = None) -> ShrinkConfig:
+        """This section as a :class:`ShrinkConfig`, with the recipe's ``seed`` and
+        ``allocation`` (the ratio map a search found) in place of the search."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(ShrinkConfig)}
+        values["seed"] = seed
+        if allocation is not None:
+            values["allocation"] = allocation
+        elif self.searching:  # a channel space orders channels; the search gives the ratios
+            values["allocation"] = "uniform"
+        return ShrinkConfig(**values)
 
 
 @dataclass
@@ -211,23 +277,29 @@ class Recipe:
     export: ExportSection = field(default_factory=ExportSection)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The recipe as plain data, keys a recipe file may hold (round-trips through parse)."""
+        return _plain(self)
 
     def out_dir(self) -> Path:
         return Path(self.output.dir.format(name=self.name))
 
 
-_METHOD_FIELDS: dict[str, Registry[Any]] = {
-    "shrink.budget": BUDGETS,
-    "shrink.criterion": CRITERIA,
-    "prune.budget": BUDGETS,
-    "prune.structure": STRUCTURES,
-    "prune.criterion": CRITERIA,
-    "prune.schedule": SCHEDULES,
-}
 _EPOCH_KEYS = ("start", "end", "every", "at", "rewind", "sparse", "dense")
 #: Durations, at least one step once converted.
 _DURATION_KEYS = ("every", "sparse", "dense")
+
+
+def _plain(section: Any) -> Any:
+    """``dataclasses.asdict`` without the fields a recipe does not set (``init=False``)."""
+    if dataclasses.is_dataclass(section) and not isinstance(section, type):
+        return {
+            f.name: _plain(getattr(section, f.name)) for f in dataclasses.fields(section) if f.init
+        }
+    if isinstance(section, (list, tuple)):
+        return [_plain(v) for v in section]
+    if isinstance(section, Mapping):
+        return {k: _plain(v) for k, v in section.items()}
+    return section
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -257,7 +329,7 @@ def _build_section(cls: type[Any], raw: Any, path: str) -> Any:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"recipe key {path!r} must be a mapping; got {raw!r}")
     hints = typing.get_type_hints(cls)
-    allowed = [f.name for f in dataclasses.fields(cls)]
+    allowed = [f.name for f in dataclasses.fields(cls) if f.init]
     values: dict[str, Any] = {}
     for key, value in raw.items():
         where = f"{path}.{key}" if path else str(key)
@@ -278,51 +350,43 @@ def _build_section(cls: type[Any], raw: Any, path: str) -> Any:
     try:
         return cls(**values)
     except ConfigError as exc:
+        if exc.key is not None:
+            key = f"{path}.{exc.key}" if path else exc.key
+            given = values.get(exc.key.split(".")[0], "(default)")
+            raise ConfigError(f"recipe key {key!r} has value {given!r}: {exc}") from None
         raise ConfigError(f"recipe section {path!r}: {exc}") from None
 
 
-def _check_method(path: str, registry: Registry[Any], spec: Any) -> None:
-    try:
-        if isinstance(spec, Mapping) and registry is SCHEDULES:
-            options = {k: v for k, v in spec.items() if k not in _EPOCH_KEYS}
-            obj = registry.build(options)
-            # epoch-valued keys are checked when converted to steps; check names here
-            allowed = (
-                {f.name for f in dataclasses.fields(obj)}
-                if dataclasses.is_dataclass(obj)
-                else set()
-            )
-            bad = [k for k in spec if k in _EPOCH_KEYS and k not in allowed]
-            if bad:
-                raise ConfigError(f"unknown option(s) {bad} for schedule {spec.get('name')!r}")
-        else:
-            registry.build(spec)
-    except ConfigError as exc:
-        raise ConfigError(f"recipe key {path!r}: {exc}") from None
+def _check_search(spec: Any) -> None:
+    """A search spec names a registered search with valid options."""
+    SEARCHES.build(spec)
+
+
+def _check_schedule(spec: Any) -> None:
+    """A schedule spec whose times are epochs: names and options checked here, values when
+    they are converted to steps."""
+    if not isinstance(spec, Mapping):
+        SCHEDULES.build(spec)
+        return
+    options = {k: v for k, v in spec.items() if k not in _EPOCH_KEYS}
+    obj = SCHEDULES.build(options)
+    allowed: set[str] = (
+        {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else set()
+    )
+    bad = [k for k in spec if k in _EPOCH_KEYS and k not in allowed]
+    if bad:
+        raise ConfigError(f"unknown option(s) {bad} for schedule {spec.get('name')!r}")
 
 
 STRUCTURAL_BUDGETS = ("macs", "params", "sparsity", "bytes", "latency")
 
 
-def is_search(spec: MethodSpec) -> bool:
+def is_search(spec: Any) -> bool:
     """True when an allocation spec names an automatic search (sensitivity, AMC, NetAdapt)."""
-    name = spec if isinstance(spec, str) else spec.get("name")
+    name = (
+        spec if isinstance(spec, str) else spec.get("name") if isinstance(spec, Mapping) else None
+    )
     return name in SEARCHES.names()
-
-
-def _check_allocation(path: str, spec: MethodSpec, plain: list[str]) -> None:
-    """An allocation is one of ``plain`` (built by its registry) or a registered search."""
-    if is_search(spec):
-        _check_method(path, SEARCHES, spec)
-        return
-    name = spec if isinstance(spec, str) else spec.get("name")
-    if name not in plain:
-        raise ConfigError(
-            f"recipe key {path!r} has value {spec!r}; allowed: {', '.join(plain)}, or a search: "
-            f"{', '.join(SEARCHES.names())}"
-        )
-    if path == "prune.allocation":
-        _check_method(path, ALLOCATIONS, spec)
 
 
 def _positive(path: str, value: float | int | None, allow_zero: bool = False) -> None:
@@ -334,31 +398,20 @@ def _positive(path: str, value: float | int | None, allow_zero: bool = False) ->
 
 
 def validate(recipe: Recipe) -> Recipe:
-    """Check values that types alone cannot (ranges, method names and options)."""
-    for path, registry in _METHOD_FIELDS.items():
-        section, key = path.split(".")
-        spec = getattr(getattr(recipe, section), key)
-        if spec is not None:
-            _check_method(path, registry, spec)
-    p = recipe.prune
-    if p.sparsity is not None and not 0 <= p.sparsity < 1:
-        raise ConfigError(
-            f"recipe key 'prune.sparsity' has value {p.sparsity!r}; must be in [0, 1)"
-        )
-    if p.sparsity is not None and p.budget is not None:
-        raise ConfigError("recipe keys 'prune.sparsity' and 'prune.budget' exclude each other")
-    _check_allocation("prune.allocation", p.allocation, ALLOCATIONS.names())
-    _validate_shrink(recipe.shrink)
+    """Check values that types and the sections' own checks cannot (ranges across sections)."""
     for path, value, zero_ok in (
         ("data.batch_size", recipe.data.batch_size, False),
         ("data.limit_train", recipe.data.limit_train, False),
         ("data.limit_test", recipe.data.limit_test, False),
         ("data.calibration_examples", recipe.data.calibration_examples, False),
+        ("data.window", recipe.data.window, False),
+        ("data.calibration_windows", recipe.data.calibration_windows, False),
+        ("data.evaluation_windows", recipe.data.evaluation_windows, False),
         ("finetune.epochs", recipe.finetune.epochs, True),
         ("finetune.lr", recipe.finetune.lr, False),
-        ("prune.calibration_batches", p.calibration_batches, False),
         ("export.centroid_epochs", recipe.export.centroid_epochs, True),
         ("export.centroid_lr", recipe.export.centroid_lr, False),
+        ("shrink.epochs_between", recipe.shrink.epochs_between, True),
     ):
         _positive(path, value, zero_ok)
     if recipe.finetune.optimizer not in (None, "sgd", "adamw"):
@@ -368,7 +421,10 @@ def validate(recipe: Recipe) -> Recipe:
         )
     for section in ("train", "finetune"):
         for i, spec in enumerate(getattr(recipe, section).regularizers):
-            _check_method(f"{section}.regularizers[{i}]", REGULARIZERS, spec)
+            try:
+                REGULARIZERS.build(spec)
+            except ConfigError as exc:
+                raise ConfigError(f"recipe key '{section}.regularizers[{i}]': {exc}") from None
     if recipe.finetune.distill is not None:
         try:
             build_dataclass(Distillation, recipe.finetune.distill, "distillation")
@@ -384,26 +440,6 @@ def validate(recipe: Recipe) -> Recipe:
             f"(centroids exist only with weight sharing); got {recipe.export.quantization!r}"
         )
     return recipe
-
-
-def _validate_shrink(s: ShrinkSection) -> None:
-    _check_allocation("shrink.allocation", s.allocation, list(SHRINK_ALLOCATIONS))
-    if s.budget is not None and BUDGETS.build(s.budget).registry_name not in STRUCTURAL_BUDGETS:
-        raise ConfigError(
-            f"recipe key 'shrink.budget' has value {s.budget!r}; structural budgets are "
-            f"{', '.join(STRUCTURAL_BUDGETS)}"
-        )
-    if not 0 < s.max_ratio <= 1:
-        raise ConfigError(
-            f"recipe key 'shrink.max_ratio' has value {s.max_ratio!r}; must be in (0, 1]"
-        )
-    for path, value, zero_ok in (
-        ("shrink.round_to", s.round_to, False),
-        ("shrink.steps", s.steps, False),
-        ("shrink.epochs_between", s.epochs_between, True),
-        ("shrink.calibration_batches", s.calibration_batches, False),
-    ):
-        _positive(path, value, zero_ok)
 
 
 def parse(raw: Any, source: str = "recipe") -> Recipe:
@@ -439,9 +475,10 @@ def dump(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
 
-def schedule_in_steps(spec: MethodSpec, steps_per_epoch: int) -> MethodSpec:
-    """Convert a recipe schedule's epoch-valued times to optimizer steps."""
-    if isinstance(spec, str):
+def schedule_in_steps(spec: Any, steps_per_epoch: int) -> Any:
+    """Convert a recipe schedule's epoch-valued times to optimizer steps (a name or a schedule
+    object passes through)."""
+    if not isinstance(spec, Mapping):
         return spec
     out = dict(spec)
     for key in _EPOCH_KEYS:

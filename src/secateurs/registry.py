@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from secateurs.errors import ConfigError
 
@@ -20,8 +20,11 @@ C = TypeVar("C")
 class Registry(Generic[T]):
     """A named collection of method classes for one axis (structure, criterion, ...)."""
 
-    def __init__(self, axis: str) -> None:
+    def __init__(self, axis: str, base: type | None = None) -> None:
         self.axis = axis
+        #: The class every method of this axis derives from: an object passed in its place
+        #: must be an instance of it (``criterion=42`` is an error, not a crash later).
+        self.base = base
         self._classes: dict[str, Any] = {}
 
     def register(self, name: str) -> Callable[[C], C]:
@@ -45,8 +48,19 @@ class Registry(Generic[T]):
                 f"unknown {self.axis} {name!r}; allowed: {', '.join(sorted(self._classes))}"
             ) from None
 
-    def build(self, spec: str | Mapping[str, Any] | T) -> T:
-        """Build an instance from a name, ``{"name": ..., **options}``, or pass one through."""
+    def build(self, spec: str | Mapping[str, Any] | T | None, default: T | None = None) -> T:
+        """Build an instance from a name, ``{"name": ..., **options}``, or pass one through.
+
+        ``None`` gives ``default`` (an error when there is none). Anything else that is not an
+        instance of the axis's base class is an error naming what is allowed: an empty name,
+        an empty mapping or a number never silently becomes the default.
+        """
+        if spec is None:
+            if default is None:
+                raise ConfigError(f"no {self.axis} given; allowed: {', '.join(self._classes)}")
+            return default
+        if self.base is not None and isinstance(spec, self.base):
+            return cast(T, spec)
         if isinstance(spec, str):
             return build_dataclass(self.get(spec), {}, where=f"{self.axis} {spec!r}")
         if isinstance(spec, Mapping):
@@ -58,6 +72,11 @@ class Registry(Generic[T]):
                 )
             cls = self.get(name)
             return build_dataclass(cls, options, where=f"{self.axis} {name!r}")
+        if self.base is not None and not isinstance(spec, self.base):
+            raise ConfigError(
+                f"{self.axis} must be a name ({', '.join(sorted(self._classes))}), a mapping "
+                f"{{'name': ..., **options}} or a {self.base.__name__} object; got {spec!r}"
+            )
         return spec
 
     def names(self) -> list[str]:

@@ -26,9 +26,6 @@ from secateurs.checks import check_fraction, check_int, check_sparsity
 from secateurs.errors import ConfigError
 from secateurs.registry import Registry
 
-SCHEDULES: Registry[Schedule] = Registry("schedule")
-
-
 # --------------------------------------------------------------------------- events
 
 
@@ -96,10 +93,17 @@ class Schedule(ABC):
         """The last step at which this schedule does anything (some depend on the final
         sparsity: the lottery ticket's number of rounds)."""
 
+    def check(self, final: float) -> None:  # noqa: B027 - most schedules fit any sparsity
+        """Raise :class:`ConfigError` when this schedule cannot reach ``final`` (the pruner's
+        target sparsity) as configured."""
+
     def events_at(self, step: int, final: float) -> list[Event]:
         """What happens at ``step``, in order. By default: prune to :meth:`sparsity_at`."""
         target = self.sparsity_at(step, final)
         return [] if target is None else [PruneTo(target)]
+
+
+SCHEDULES: Registry[Schedule] = Registry("schedule", Schedule)
 
 
 @SCHEDULES.register("oneshot")
@@ -157,6 +161,11 @@ class Gradual(Schedule):
     ``s_t = s_f + (s_i - s_f) * (1 - (t - start) / (end - start)) ** 3``, where
     ``end - start = n * every`` in the paper's notation. Pruning is fast at first, while
     there are many redundant weights, and slows down as few remain.
+
+    Train at the **training learning rate** while the mask tightens (Zhu & Gupta prune
+    during training, not fine-tuning): the surviving weights must move to take over from the
+    pruned ones. On LeNet-300-100 at 99%, the README's loop reached 88.0% at the training
+    rate and 84.7% at a tenth of it.
     """
 
     start: int = 0
@@ -177,6 +186,13 @@ class Gradual(Schedule):
             return None
         progress = (step - self.start) / (self.end - self.start)
         return final + (self.initial - final) * (1.0 - progress) ** 3
+
+    def check(self, final: float) -> None:
+        if self.initial > final:
+            raise ConfigError(
+                f"Gradual initial sparsity {self.initial:.4g} is above the final {final:.4g}; "
+                "pruning never regrows weights: give initial <= the target sparsity"
+            )
 
     def last_step(self, final: float | None = None) -> int:
         return self.end
@@ -246,23 +262,13 @@ class Lottery(Schedule):
 
 
 @dataclass
-class _SparseFromStart(Schedule):
+class _SparseInit(Schedule):
     """Shared by the schedules that train sparse from step 0: a random sparse initialisation
-    with ``distribution`` (``erk`` or ``uniform``) and, every ``every`` steps before ``end``,
-    a drop-and-grow update of ``fraction`` of each layer's live weights."""
+    with ``distribution`` (``erk`` or ``uniform``) at step 0."""
 
-    every: int = 100
-    end: int = 1000
-    fraction: float = 0.3
     distribution: str = "erk"
 
-    _grow: ClassVar[str] = "random"
-    moves_weights = True
-
     def __post_init__(self) -> None:
-        check_int(self.every, f"{type(self).__name__} every", 1)
-        check_int(self.end, f"{type(self).__name__} end", 1)
-        self.fraction = check_fraction(self.fraction, f"{type(self).__name__} fraction")
         if self.distribution not in ("erk", "uniform"):
             raise ConfigError(
                 f"{type(self).__name__} distribution {self.distribution!r} is unknown; "
@@ -272,32 +278,49 @@ class _SparseFromStart(Schedule):
     def sparsity_at(self, step: int, final: float) -> float | None:
         return final if step == 0 else None
 
+    def events_at(self, step: int, final: float) -> list[Event]:
+        return [Remask(final, "random", self.distribution)] if step == 0 else []
+
+    def last_step(self, final: float | None = None) -> int:
+        return 0
+
+
+@SCHEDULES.register("static")
+@dataclass
+class Static(_SparseInit):
+    """Fixed sparse training: a random sparse initialisation (ERK or uniform) kept throughout."""
+
+
+@dataclass
+class _SparseFromStart(_SparseInit):
+    """The sparse initialisation, then, every ``every`` steps before ``end``, a drop-and-grow
+    update of ``fraction`` of each layer's live weights."""
+
+    every: int = 100
+    end: int = 1000
+    fraction: float = 0.3
+
+    _grow: ClassVar[str] = "random"
+    moves_weights = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self.every, f"{type(self).__name__} every", 1)
+        check_int(self.end, f"{type(self).__name__} end", 1)
+        self.fraction = check_fraction(self.fraction, f"{type(self).__name__} fraction")
+
     def fraction_at(self, step: int) -> float:
         return self.fraction
 
     def events_at(self, step: int, final: float) -> list[Event]:
         if step == 0:
-            return [Remask(final, "random", self.distribution)]
+            return super().events_at(step, final)
         if step % self.every or step >= self.end:
             return []
         return [DropGrow(self.fraction_at(step), self._grow)]
 
     def last_step(self, final: float | None = None) -> int:
         return max(0, ((self.end - 1) // self.every) * self.every)
-
-
-@SCHEDULES.register("static")
-@dataclass
-class Static(_SparseFromStart):
-    """Fixed sparse training: a random sparse initialisation (ERK or uniform) kept throughout."""
-
-    moves_weights = False
-
-    def events_at(self, step: int, final: float) -> list[Event]:
-        return [Remask(final, "random", self.distribution)] if step == 0 else []
-
-    def last_step(self, final: float | None = None) -> int:
-        return 0
 
 
 @SCHEDULES.register("set")

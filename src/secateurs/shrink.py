@@ -19,6 +19,7 @@ can recover before the next cut.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 import time
@@ -29,9 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from secateurs.allocation import LayerMap
 from secateurs.budgets import BUDGETS, Budget, Bytes, Latency, MACs, Params, Sparsity
-from secateurs.calibration import LossFn
-from secateurs.checks import check_sparsity
+from secateurs.calibration import CALIBRATION_BATCHES, LossFn
+from secateurs.checks import check_int, option
 from secateurs.criteria import (
     CRITERIA,
     ChannelContext,
@@ -44,7 +46,10 @@ from secateurs.errors import BudgetError, ConfigError, SecateursError
 from secateurs.graph.groups import ChannelGraph, ChannelGroup, build_graph
 from secateurs.graph.latency import LatencyTable
 from secateurs.graph.surgery import ChannelPlan, apply_plan_, check_forward, plan_from_removed
+from secateurs.provenance import record
+from secateurs.registry import build_dataclass
 from secateurs.running import Inputs, run_example
+from secateurs.selection import Candidate, Selection, Selector, compile_selectors
 
 StructuralBudget = Sparsity | Params | MACs | Bytes | Latency
 ALLOCATIONS = ("uniform", "global")
@@ -66,6 +71,8 @@ class ShrinkReport:
     seconds: float
     removed_per_group: dict[str, int] = field(default_factory=dict)
     unhandled: list[str] = field(default_factory=list)
+    #: groups the channel criterion could not measure, scored by L2 magnitude (and why)
+    fallbacks: list[str] = field(default_factory=list)
 
     @property
     def macs_ratio(self) -> float:
@@ -83,15 +90,8 @@ class ShrinkReport:
             "seconds": self.seconds,
             "removed_per_group": self.removed_per_group,
             "unhandled": self.unhandled,
+            "fallbacks": self.fallbacks,
         }
-
-
-def _criterion(criterion: Criterion | str | dict[str, Any] | None) -> Criterion:
-    if criterion is None:
-        return Magnitude(p=2)
-    if isinstance(criterion, Criterion):
-        return criterion
-    return CRITERIA.build(criterion)
 
 
 BudgetSpec = Budget | str | Mapping[str, Any]
@@ -108,32 +108,27 @@ def _budget(budget: BudgetSpec) -> StructuralBudget:
     )
 
 
-def _ignored(model: nn.Module, ignored_layers: Sequence[str | nn.Module]) -> set[str]:
-    """Module names matching ``ignored_layers`` (names, regexes or module objects)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    out: set[str] = set()
-    for item in ignored_layers:
-        if isinstance(item, nn.Module):
-            if id(item) not in names:
-                raise ConfigError(
-                    f"ignored layer {type(item).__name__} is not a module of this model"
-                )
-            out.add(names[id(item)])
-            continue
-        pattern = re.compile(item)
-        hits = [n for n in names.values() if n == item or pattern.fullmatch(n)]
-        if not hits:
-            sample = ", ".join(n for n in list(names.values())[1:8])
-            raise ConfigError(
-                f"ignored layer {item!r} matches no module; module names look like: {sample}"
-            )
-        out.update(hits)
-    return out
-
-
-def _frozen(group: ChannelGroup, ignored: set[str]) -> bool:
-    """A group whose channels an ignored layer produces (its rows, its norm entries)."""
-    return any(m.dim == 0 and m.ref.module in ignored for m in group.members)
+def _frozen_groups(graph: ChannelGraph, model: nn.Module, config: ShrinkConfig) -> set[int]:
+    """Groups whose channels stay: one of the layers producing them (whose output rows, or
+    norm entries, the group holds) is excluded, or ``include`` is given and picks none."""
+    selection = Selection(config.include, config.exclude)
+    if not selection:
+        return set()
+    modules = dict(model.named_modules())
+    frozen = set()
+    for g in graph.prunable_groups:
+        producers = [
+            Candidate(name, f"{name}.weight" if name else "weight", modules[name])
+            for name in sorted({m.ref.module for m in g.members if m.dim == 0})
+            if name in modules
+        ]
+        included = [selection.included(c) for c in producers]
+        excluded = [selection.excluded(c) for c in producers]
+        if any(excluded) or (selection.include and not any(included)):
+            frozen.add(g.index)
+    names = sorted({m.ref.module for g in graph.prunable_groups for m in g.members if m.dim == 0})
+    selection.check_used("channel-producing layer", model, names)
+    return frozen
 
 
 @dataclass
@@ -155,11 +150,11 @@ class _Candidates:
 
 
 def _candidates(
-    graph: ChannelGraph, scores: dict[int, Tensor], ignored: set[str], max_ratio: float
+    graph: ChannelGraph, scores: dict[int, Tensor], frozen: set[int], max_ratio: float
 ) -> list[_Candidates]:
     out = []
     for g in graph.prunable_groups:
-        if _frozen(g, ignored):
+        if g.index in frozen:
             continue
         s = scores[g.index].clone()
         idx = g.prunable.nonzero().flatten()
@@ -173,46 +168,20 @@ def _candidates(
     return out
 
 
-def _map_ratio(name: str, ratios: Mapping[str, float]) -> float:
-    """The fraction of group ``name`` to remove: its entry, else the first regex matching it."""
-    if name in ratios:
-        return ratios[name]
-    for pattern, ratio in ratios.items():
-        if re.fullmatch(pattern, name):
-            return ratio
-    return 0.0
-
-
-def check_ratio_map(ratios: Mapping[str, float], names: Sequence[str]) -> None:
-    """Every key names a group (exactly or as a regex) and every ratio is in [0, 1)."""
-    for key, value in ratios.items():
-        check_sparsity(value, f"the ratio of {key!r}")
-        try:
-            hit = key in names or any(re.fullmatch(key, n) for n in names)
-        except re.error as exc:
-            raise ConfigError(f"ratio map key {key!r} is not a valid regex: {exc}") from None
-        if not hit:
-            sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-            raise ConfigError(
-                f"ratio map key {key!r} names no removable channel group; groups are named by "
-                f"the layer that produces them: {sample}"
-            )
-
-
 def _removal(
     cands: list[_Candidates],
     amount: float,
-    allocation: str | Mapping[str, float],
+    allocation: str | LayerMap,
     round_to: int | None,
 ) -> dict[int, Tensor]:
     """Channels to remove for ``amount`` in [0, 1] of the removable ones, or, when
-    ``allocation`` is a ratio map (group name or regex -> fraction removed), for that map."""
+    ``allocation`` is a :class:`LayerMap` (group name or regex -> fraction removed), for it."""
     counts: dict[int, int] = {}
     if not cands:
         return {}
-    if isinstance(allocation, Mapping):
+    if isinstance(allocation, LayerMap):
         for c in cands:
-            ratio = _map_ratio(c.group.name, allocation)
+            ratio = allocation.value(c.group.name, default=0.0)
             counts[c.group.index] = math.floor(ratio * c.group.size + 1e-9)
     elif allocation == "uniform":
         for c in cands:
@@ -301,11 +270,11 @@ _MEASURES: dict[type, Callable[..., tuple[Measure, float, str]]] = {
 def _search(
     cands: list[_Candidates],
     measure: tuple[Measure, float, str],
-    allocation: str | Mapping[str, float],
+    allocation: str | LayerMap,
     round_to: int | None,
 ) -> dict[int, Tensor]:
     value, limit, unit = measure
-    if isinstance(allocation, Mapping):
+    if isinstance(allocation, LayerMap):
         # a ratio map found by a search (or written by hand) is taken as it is; the budget
         # must hold, since nothing is searched
         removed = _removal(cands, 1.0, allocation, round_to)
@@ -367,39 +336,78 @@ def _give_back(
 
 @dataclass
 class ShrinkConfig:
-    """How channels are chosen (everything but the budget and the data).
+    """How channels are chosen (everything but the budget, the data and the steps).
 
-    ``criterion``: a criterion object, registry name or ``{name: ..., **options}`` (default
-    L2 group magnitude). ``allocation``: ``uniform``, ``global`` or a ratio map ``{group name
-    or regex: fraction of its channels to remove}`` (what :func:`secateurs.search_allocation`
-    finds; groups are named by the layer producing them). ``max_ratio``: the most a
-    group may lose. ``round_to``: kept widths rounded up to a multiple. ``ignored_layers``:
-    module names, regexes or modules whose output channels stay. ``strict``: an op without a
-    channel rule is an error instead of keeping its channels.
+    The one description of shrinking options: :func:`shrink` takes them as keywords (or
+    ``config=``), a recipe's ``shrink:`` section is this config plus ``budget``, ``steps`` and
+    ``epochs_between``, and the channel search space of :mod:`secateurs.search` cuts its
+    candidates with it.
+
+    * ``criterion``: an object, registry name or ``{name: ..., **options}``; default
+      ``magnitude`` with ``p=2``, the group L2 norm of the channel-pruning literature (masks
+      default to ``p=1``; see :class:`~secateurs.pruner.PruneConfig`).
+    * ``allocation``: ``uniform`` (the same fraction of every group), ``global`` (one ranking
+      of scores normalised per group) or a :class:`~secateurs.LayerMap` ``{group name or regex:
+      fraction of its channels to remove}`` (a plain mapping is taken as one; groups are named
+      by the layer that produces them; :func:`secateurs.search_allocation` finds one).
+    * ``max_ratio``: the most a group may lose (0.9: a layer keeps at least a tenth of its
+      channels, where element masks may take 99% of a layer; a one-channel bottleneck rarely
+      recovers).
+    * ``round_to``: kept widths rounded up to a multiple (what fast kernels like).
+    * ``include`` / ``exclude``: which layers may lose output channels (regexes over module
+      names, module types or modules; :mod:`secateurs.selection`).
+    * ``calibration_batches``: batches a data-driven criterion reads. ``seed``: random ones.
+    * ``strict``: an op without a channel rule is an error, and so is a group a channel
+      criterion cannot measure (instead of scoring it by L2 magnitude, reported).
     """
 
-    criterion: Criterion | str | dict[str, Any] | None = None
+    criterion: Criterion | str | Mapping[str, Any] | None = None
     allocation: str | Mapping[str, float] = "uniform"
     max_ratio: float = 0.9
     round_to: int | None = None
-    ignored_layers: Sequence[str | nn.Module] = ()
-    calibration_batches: int = 8
+    include: Sequence[Selector] | None = None
+    exclude: Sequence[Selector] | None = None
+    calibration_batches: int = CALIBRATION_BATCHES
     seed: int = 0
     strict: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.allocation, Mapping) and self.allocation not in ALLOCATIONS:
+        with option("allocation"):
+            self.allocation_ = self._build_allocation()
+        with option("max_ratio"):
+            m = self.max_ratio
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1:
+                raise ConfigError(f"max_ratio must be a number in (0, 1]; got {m!r}")
+        with option("round_to"):
+            r = self.round_to
+            if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+                raise ConfigError(f"round_to must be a positive int (e.g. 8) or None; got {r!r}")
+        with option("calibration_batches"):
+            check_int(self.calibration_batches, "calibration_batches", 1)
+        with option("seed"):
+            check_int(self.seed, "seed", 0)
+        with option("strict"):
+            if not isinstance(self.strict, bool):
+                raise ConfigError(f"strict must be true or false; got {self.strict!r}")
+        for key in ("include", "exclude"):
+            with option(key):
+                compile_selectors(getattr(self, key), key)
+        with option("criterion"):
+            self.criterion_: Criterion = CRITERIA.build(self.criterion, Magnitude(p=2))
+
+    def _build_allocation(self) -> str | LayerMap | None:
+        """``uniform``, ``global`` or the ratio map as a :class:`LayerMap` (a recipe's section
+        also takes a search, found later)."""
+        a = self.allocation
+        if isinstance(a, Mapping):
+            return a if isinstance(a, LayerMap) else LayerMap(dict(a), default=0.0)
+        if a not in ALLOCATIONS:
             raise ConfigError(
-                f"allocation {self.allocation!r} is not allowed; use one of {ALLOCATIONS} or a "
-                "ratio map {group name: fraction removed} (sc.search_allocation finds one by "
+                f"allocation {a!r} is not allowed; use one of {ALLOCATIONS} or a ratio map "
+                "{group name: fraction removed} (sc.search_allocation finds one by "
                 "sensitivity analysis, AMC or NetAdapt)"
             )
-        if not 0 < self.max_ratio <= 1:
-            raise ConfigError(f"max_ratio must be in (0, 1]; got {self.max_ratio!r}")
-        r = self.round_to
-        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
-            raise ConfigError(f"round_to must be a positive int (e.g. 8) or None; got {r!r}")
-        self.criterion_ = _criterion(self.criterion)
+        return a
 
 
 def _step_budget(
@@ -440,14 +448,29 @@ def plan_shrink(
     weights of ``model`` in place, so call this on the copy you will prune. ``graph``: the
     model's graph when it is already built (it is traced otherwise).
     """
-    cfg = config or ShrinkConfig()
+    plan, graph_, removed, _ = _plan(
+        model, example_inputs, budget, config or ShrinkConfig(), data, loss_fn, graph
+    )
+    return plan, graph_, removed
+
+
+def _plan(
+    model: nn.Module,
+    example_inputs: Inputs,
+    budget: BudgetSpec,
+    cfg: ShrinkConfig,
+    data: Iterable[Any] | None,
+    loss_fn: LossFn | None,
+    graph: ChannelGraph | None,
+) -> tuple[ChannelPlan, ChannelGraph, dict[int, Tensor], ChannelContext]:
     budget = _budget(budget)
     graph, cands, ctx = channel_candidates(model, example_inputs, cfg, data, loss_fn, graph)
     measure = channel_measure(budget, graph, model, example_inputs)
-    removed = _search(cands, measure, cfg.allocation, cfg.round_to)
+    assert cfg.allocation_ is not None, "a recipe section's search runs before plan_shrink"
+    removed = _search(cands, measure, cfg.allocation_, cfg.round_to)
     if isinstance(cfg.criterion_, ChannelCriterion) and removed:
         cfg.criterion_.refit(ctx, removed)
-    return plan_from_removed(graph, removed), graph, removed
+    return plan_from_removed(graph, removed), graph, removed, ctx
 
 
 def channel_candidates(
@@ -459,20 +482,27 @@ def channel_candidates(
     graph: ChannelGraph | None = None,
 ) -> tuple[ChannelGraph, list[_Candidates], ChannelContext]:
     """The graph, and the removable channels of each group in the order they would go."""
-    ignored = _ignored(model, config.ignored_layers)
     graph = graph or build_graph(model, example_inputs, strict=config.strict)
     if not graph.prunable_groups:
         raise ConfigError(
             f"{type(model).__name__} has no removable channels: every channel is pinned "
             f"({_pinned_summary(graph)})"
         )
+    frozen = _frozen_groups(graph, model, config)
     ctx = ChannelContext(
-        model, graph, example_inputs, data, loss_fn, config.calibration_batches, config.seed
+        model,
+        graph,
+        example_inputs,
+        data,
+        loss_fn,
+        config.calibration_batches,
+        config.seed,
+        config.strict,
     )
     scores = channel_scores(config.criterion_, ctx)
-    cands = _candidates(graph, scores, ignored, config.max_ratio)
-    if isinstance(config.allocation, Mapping):
-        check_ratio_map(config.allocation, [c.group.name for c in cands])
+    cands = _candidates(graph, scores, frozen, config.max_ratio)
+    if isinstance(config.allocation_, LayerMap):
+        config.allocation_.check_keys([(c.group.name,) for c in cands], "removable channel group")
     return graph, cands, ctx
 
 
@@ -485,54 +515,54 @@ def shrink(
     model: nn.Module,
     example_inputs: Inputs,
     budget: BudgetSpec,
-    criterion: Criterion | str | dict[str, Any] | None = None,
-    allocation: str | Mapping[str, float] = "uniform",
-    max_ratio: float = 0.9,
-    round_to: int | None = None,
-    ignored_layers: Sequence[str | nn.Module] = (),
+    config: ShrinkConfig | None = None,
+    *,
     data: Iterable[Any] | None = None,
     loss_fn: LossFn | None = None,
-    calibration_batches: int = 8,
-    seed: int = 0,
     steps: int = 1,
     finetune: Callable[[nn.Module, int], None] | None = None,
-    report: bool = False,
-    strict: bool = False,
-) -> Any:
+    **options: Any,
+) -> nn.Module:
     """Remove channels from a copy of ``model`` until ``budget`` is met; return the copy.
 
     ``budget``: ``sc.MACs(0.5)`` keeps half the MACs, ``sc.Params(0.6)`` 60% of the
     parameters, ``sc.Sparsity(0.3)`` removes 30% of the removable channels, ``sc.Bytes`` and
     ``sc.Latency`` bound the stored bytes and the latency measured on this machine (predicted
-    by a per-layer look-up table). ``allocation``: ``"uniform"``, ``"global"`` or a ratio map
-    from :func:`secateurs.search_allocation` (applied as it is, in one step). ``criterion``:
-    any registered criterion (default L2 group magnitude); data-driven ones need ``data``
-    (batches of ``(inputs, labels)``) and, for gradients, ``loss_fn``. ``ignored_layers``:
-    module names, regexes or modules whose output channels stay. Operations secateurs has no
-    channel rule for keep their channels (listed in the report's ``unhandled``); ``strict=True``
-    makes them an error. With ``report=True`` the
-    result is ``(model, ShrinkReport)``; the report's plan replays the surgery on a fresh
-    instance of the original class (:func:`secateurs.graph.apply_plan_`).
+    by a per-layer look-up table). How channels are chosen is a :class:`ShrinkConfig`, given as
+    keywords (``criterion``, ``allocation``, ``max_ratio``, ``round_to``, ``include``,
+    ``exclude``, ``calibration_batches``, ``seed``, ``strict``) or as ``config=``.
+    Data-driven criteria need ``data`` (batches of ``(inputs, labels)``) and, for gradients,
+    ``loss_fn``. ``steps > 1`` cuts in equal steps, calling ``finetune(model, step)`` between
+    them (a ratio map is applied in one step).
+
+    The copy is a plain module of the same classes with fewer channels. What was done is
+    recorded on it: ``sc.report_of(small, sc.ShrinkReport)`` gives the MACs and parameters
+    before and after, ops without a channel rule (their channels kept), groups a channel
+    criterion scored by L2 magnitude instead, and the replayable :class:`ChannelPlan` that
+    :func:`secateurs.export_safetensors` stores so the file loads into a fresh instance of
+    the original class.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"steps must be an int >= 1; got {steps!r}")
-    if isinstance(allocation, Mapping) and steps > 1:
+    if config is None:
+        config = build_dataclass(ShrinkConfig, options, "shrink")
+    elif options:
+        raise ConfigError(
+            "give shrink's options either as config=ShrinkConfig(...) or as keywords, not both"
+        )
+    config = by_name(config, model)
+    check_int(steps, "steps", 1)
+    if isinstance(config.allocation_, LayerMap) and steps > 1:
         raise ConfigError("a ratio map is applied in one step: use steps=1 with it")
     budget = _budget(budget)
-    # module objects only identify layers of `model`, not of its copy: use exact names
-    ignored_names = [re.escape(n) for n in sorted(_ignored(model, ignored_layers))]
-    config = ShrinkConfig(
-        criterion, allocation, max_ratio, round_to, ignored_names, calibration_batches, seed, strict
-    )
     start = time.perf_counter()
     small = copy.deepcopy(model)
-    graph0 = build_graph(small, example_inputs, strict=strict)
+    graph0 = build_graph(small, example_inputs, strict=config.strict)
     shapes = {ref.qualname: s for ref, s in graph0.shapes.items()}
     measure0 = channel_measure(budget, graph0, small, example_inputs) if steps > 1 else None
     plan = ChannelPlan()
     last_graph, removed = graph0, dict[int, Tensor]()
+    fallbacks: list[str] = []
     for step in range(1, steps + 1):
-        step_plan, last_graph, removed = plan_shrink(
+        step_plan, last_graph, removed, step_fallbacks = _plan_step(
             small,
             example_inputs,
             _step_budget(budget, step, steps, measure0) if measure0 else budget,
@@ -541,26 +571,69 @@ def shrink(
             loss_fn,
             graph0 if step == 1 else None,
         )
+        fallbacks += step_fallbacks
         apply_plan_(small, step_plan)
         plan = step_plan if step == 1 else plan.merged(step_plan, shapes)
         out = check_forward(small, lambda: run_example(small, example_inputs), f"step {step}")
         _check_outputs(graph0.output_shapes, out)
         if finetune is not None and step < steps:
             finetune(small, step)
-    result = ShrinkReport(
-        plan=plan,
-        macs_before=graph0.macs(),
-        macs_after=last_graph.macs(removed),
-        params_before=graph0.params(),
-        params_after=last_graph.params(removed),
-        channels_removed=plan_channel_count(graph0, plan),
-        channels_prunable=sum(g.num_prunable for g in graph0.prunable_groups),
-        groups=len(graph0.prunable_groups),
-        seconds=time.perf_counter() - start,
-        removed_per_group=_per_group(last_graph, removed) if steps == 1 else {},
-        unhandled=sorted({f"{u.op} in {u.module}" for u in graph0.unhandled}),
+    record(
+        small,
+        ShrinkReport(
+            plan=plan,
+            macs_before=graph0.macs(),
+            macs_after=last_graph.macs(removed),
+            params_before=graph0.params(),
+            params_after=last_graph.params(removed),
+            channels_removed=plan_channel_count(graph0, plan),
+            channels_prunable=sum(g.num_prunable for g in graph0.prunable_groups),
+            groups=len(graph0.prunable_groups),
+            seconds=time.perf_counter() - start,
+            removed_per_group=_per_group(last_graph, removed) if steps == 1 else {},
+            unhandled=sorted({f"{u.op} in {u.module}" for u in graph0.unhandled}),
+            fallbacks=fallbacks,
+        ),
     )
-    return (small, result) if report else small
+    return small
+
+
+def by_name(config: ShrinkConfig, model: nn.Module) -> ShrinkConfig:
+    """``config`` with the module objects among its selectors replaced by their exact names in
+    ``model``: a module object identifies a layer of ``model``, not of a copy being cut."""
+    names = {id(m): n for n, m in model.named_modules()}
+    changes: dict[str, Any] = {}
+    for key in ("include", "exclude"):
+        value = getattr(config, key)
+        items = [value] if isinstance(value, (str, type, nn.Module)) else list(value or [])
+        if not any(isinstance(item, nn.Module) for item in items):
+            continue
+        converted: list[Selector] = []
+        for item in items:
+            if isinstance(item, nn.Module):
+                if id(item) not in names:
+                    raise ConfigError(
+                        f"{key}: the {type(item).__name__} given is not a module of this model"
+                    )
+                item = re.escape(names[id(item)])
+            converted.append(item)
+        changes[key] = converted
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def _plan_step(
+    model: nn.Module,
+    example_inputs: Inputs,
+    budget: BudgetSpec,
+    config: ShrinkConfig,
+    data: Iterable[Any] | None,
+    loss_fn: LossFn | None,
+    graph: ChannelGraph | None,
+) -> tuple[ChannelPlan, ChannelGraph, dict[int, Tensor], list[str]]:
+    """One cut: :func:`plan_shrink`, and the groups its criterion could not measure."""
+    config = dataclasses.replace(config)  # a fresh criterion object and context per step
+    plan, graph_, removed, ctx = _plan(model, example_inputs, budget, config, data, loss_fn, graph)
+    return plan, graph_, removed, list(ctx.fallbacks)
 
 
 def plan_channel_count(graph: ChannelGraph, plan: ChannelPlan) -> int:

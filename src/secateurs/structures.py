@@ -24,8 +24,6 @@ from secateurs.errors import ConfigError, ModelError
 from secateurs.registry import Registry
 from secateurs.targets import Target
 
-STRUCTURES: Registry[Structure] = Registry("structure")
-
 NEG_INF = float("-inf")
 
 
@@ -81,6 +79,9 @@ class Structure(ABC):
     @abstractmethod
     def expand(self, keep: Tensor, target: Target) -> Tensor:
         """Turn a flat bool keep-vector over groups into an element mask shaped like the tensor."""
+
+
+STRUCTURES: Registry[Structure] = Registry("structure", Structure)
 
 
 @STRUCTURES.register("elements")

@@ -10,13 +10,21 @@ or tensor names, or by module type; ``params`` adds any other named parameter by
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from secateurs.errors import ConfigError, ModelError
 from secateurs.masks import get_mask, raw_parameter
+from secateurs.selection import (
+    Candidate,
+    Selection,
+    Selector,
+    compile_selectors,
+    describe,
+    preview,
+)
 
 #: Module types whose listed tensors are pruned by default.
 DEFAULT_TARGETS: dict[type[nn.Module], tuple[str, ...]] = {
@@ -30,8 +38,6 @@ DEFAULT_TARGETS: dict[type[nn.Module], tuple[str, ...]] = {
     nn.Embedding: ("weight",),
     nn.MultiheadAttention: ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
 }
-
-Selector = str | type[nn.Module]
 
 
 @dataclass(frozen=True)
@@ -73,38 +79,6 @@ class Target:
         return isinstance(self.module, nn.modules.conv._ConvTransposeNd)
 
 
-def _matches(selector: Selector, module_name: str, tensor_name: str, module: nn.Module) -> bool:
-    if isinstance(selector, type):
-        return isinstance(module, selector)
-    return bool(re.fullmatch(selector, module_name) or re.fullmatch(selector, tensor_name))
-
-
-def compile_selectors(selectors: Iterable[Selector] | None, what: str) -> list[Selector]:
-    """Check ``include``/``exclude``-style selectors: regex strings or ``nn.Module`` types.
-
-    A single string or type counts as a list of one.
-    """
-    if selectors is None:
-        return []
-    if isinstance(selectors, (str, type)):
-        selectors = [selectors]
-    out: list[Selector] = []
-    for s in selectors:
-        if isinstance(s, str):
-            try:
-                re.compile(s)
-            except re.error as exc:
-                raise ConfigError(
-                    f"{what} pattern {s!r} is not a valid regular expression: {exc}"
-                ) from None
-        elif not (isinstance(s, type) and issubclass(s, nn.Module)):
-            raise ConfigError(
-                f"{what} entries must be regex strings or nn.Module subclasses; got {s!r}"
-            )
-        out.append(s)
-    return out
-
-
 def find_targets(
     model: nn.Module,
     include: Sequence[Selector] | None = None,
@@ -118,10 +92,9 @@ def find_targets(
     names adding any other parameter (a bias, a bare ``nn.Parameter``). Every pattern must
     match something, otherwise the error names it: a typo must not silently prune nothing.
     """
-    include_s = compile_selectors(include or [], "include")
-    exclude_s = compile_selectors(exclude or [], "exclude")
-    params_s = compile_selectors(params or [], "params")
-    used: set[tuple[str, int]] = set()
+    selection = Selection(include, exclude)
+    params_s = compile_selectors(params, "params")
+    used_params: set[int] = set()
     targets: list[Target] = []
     seen: set[int] = set()
     for module_name, module in model.named_modules():
@@ -133,39 +106,23 @@ def find_targets(
             raw = raw_parameter(module, attr)
             if id(raw) in seen:
                 continue
-            chosen = False
-            if attr in attrs:
-                chosen = True
-                if include_s:
-                    hits = [
-                        i
-                        for i, s in enumerate(include_s)
-                        if _matches(s, module_name, tensor_name, module)
-                    ]
-                    used.update(("inc", i) for i in hits)
-                    chosen = bool(hits)
+            candidate = Candidate(module_name, tensor_name, module)
+            chosen = attr in attrs and selection.included(candidate) is not False
             for i, s in enumerate(params_s):
                 if isinstance(s, str) and re.fullmatch(s, tensor_name):
-                    used.add(("par", i))
+                    used_params.add(i)
                     chosen = True
-            if not chosen:
-                continue
-            hits_ex = [
-                i for i, s in enumerate(exclude_s) if _matches(s, module_name, tensor_name, module)
-            ]
-            if hits_ex:
-                used.update(("exc", i) for i in hits_ex)
+            if not chosen or selection.excluded(candidate):
                 continue
             seen.add(id(raw))
             targets.append(Target(tensor_name, module_name, module, attr))
-    for kind, selectors in (("inc", include_s), ("exc", exclude_s), ("par", params_s)):
-        for i, s in enumerate(selectors):
-            if (kind, i) not in used:
-                label = {"inc": "include", "exc": "exclude", "par": "params"}[kind]
-                raise ConfigError(
-                    f"{label} pattern {_describe(s)} matches no prunable layer of "
-                    f"{type(model).__name__}; prunable: {_preview(model)}"
-                )
+    selection.check_used("prunable layer", model, _prunable_names(model))
+    for i, s in enumerate(params_s):
+        if i not in used_params:
+            raise ConfigError(
+                f"params pattern {describe(s)} matches no parameter of {type(model).__name__}; "
+                f"parameters: {preview([n for n, _ in model.named_parameters()])}"
+            )
     if not targets:
         raise ModelError(
             f"{type(model).__name__} has nothing to prune: no Linear, Conv, ConvTranspose, "
@@ -194,15 +151,5 @@ def _own_tensor_names(module: nn.Module) -> list[str]:
     return names
 
 
-def _describe(selector: Selector) -> str:
-    return selector.__name__ if isinstance(selector, type) else repr(selector)
-
-
-def _preview(model: nn.Module, limit: int = 8) -> str:
-    names = [
-        f"{m}.{a}" if m else a for m, mod in model.named_modules() for a in _default_attrs(mod)
-    ]
-    if not names:
-        return "(none)"
-    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+def _prunable_names(model: nn.Module) -> list[str]:
+    return [f"{m}.{a}" if m else a for m, mod in model.named_modules() for a in _default_attrs(mod)]

@@ -10,12 +10,14 @@ from secateurs.allocation.base import (
     Uniform,
 )
 from secateurs.allocation.erk import ERK, erk_densities
+from secateurs.allocation.owl import OWL
 from secateurs.allocation.select import select_lowest
 
 __all__ = [
     "ALLOCATIONS",
     "ERK",
     "LAMP",
+    "OWL",
     "Allocation",
     "Global",
     "LayerMap",

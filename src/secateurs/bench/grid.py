@@ -39,9 +39,12 @@ from typing import Any
 from secateurs.bench.corruptions import CORRUPTIONS, SEVERITIES
 from secateurs.bench.methods import BUDGET_KINDS, METHODS, BenchMethod, BudgetPoint
 from secateurs.bench.records import DENSE, make_key
+from secateurs.data import DATASETS
 from secateurs.errors import ConfigError
 from secateurs.recipe import read_yaml
 from secateurs.registry import build_dataclass
+from secateurs.train import TrainConfig
+from secateurs.zoo import MODELS, TORCHVISION_PREFIX, build_model
 
 
 def _is_int(value: object) -> bool:
@@ -143,8 +146,6 @@ class TrainSpec:
 
     def config(self, seed: int) -> Any:
         """The :class:`TrainConfig` of the dense model of one seed."""
-        from secateurs.train import TrainConfig
-
         values = dataclasses.asdict(self)
         values.pop("batch_size")
         return TrainConfig(seed=seed, **values)
@@ -317,8 +318,6 @@ def _named(item: Any, where: str, allowed: list[str]) -> dict[str, Any]:
 
 
 def _parse_model(item: Any) -> ModelEntry:
-    from secateurs.zoo import MODELS, TORCHVISION_PREFIX, build_model
-
     entry = _named(item, "models", ["name", "options"])
     name, options = entry["name"], entry.get("options") or {}
     if not isinstance(options, Mapping):
@@ -330,8 +329,6 @@ def _parse_model(item: Any) -> ModelEntry:
 
 
 def _parse_dataset(item: Any) -> DatasetEntry:
-    from secateurs.data import DATASETS
-
     entry = _named(item, "datasets", _fields(DatasetEntry))
     loader = DATASETS.get(entry["name"])
     options = entry.get("options") or {}

@@ -16,17 +16,22 @@ Budget kinds: ``sparsity`` is the fraction of the targeted weights removed; ``pa
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+import secateurs as sc
 from secateurs.errors import ConfigError
+from secateurs.metrics import profile
+from secateurs.recipe import PruneSection
 from secateurs.registry import Registry
+from secateurs.shrink import ShrinkConfig
 
 #: Budget kinds a grid may declare.
 BUDGET_KINDS = ("sparsity", "params", "macs")
@@ -115,8 +120,6 @@ METHODS: Registry[BenchMethod] = Registry("bench method")
 
 
 def _sc_budget(budget: BudgetPoint) -> dict[str, Any]:
-    import secateurs as sc
-
     if budget.kind == "sparsity":
         return {"sparsity": budget.value}
     if budget.kind == "params":
@@ -125,8 +128,6 @@ def _sc_budget(budget: BudgetPoint) -> dict[str, Any]:
 
 
 def _finish_masks(model: nn.Module) -> nn.Module:
-    import secateurs as sc
-
     return sc.make_permanent_(model)
 
 
@@ -139,8 +140,6 @@ class _OneShot(BenchMethod):
     allocation: ClassVar[Any] = "global"
 
     def prune(self, model: nn.Module, budget: BudgetPoint, ctx: PruneContext) -> Pruned:
-        import secateurs as sc
-
         sc.prune_(
             model,
             criterion=self.criterion,
@@ -180,66 +179,34 @@ class LayerMagnitude(_OneShot):
 
 @METHODS.register("secateurs")
 @dataclass
-class SecateursMethod(BenchMethod):
-    """Any secateurs plan: structure, criterion, allocation, schedule, passed to ``sc.Pruner``.
+class SecateursMethod(PruneSection, BenchMethod):
+    """Any secateurs plan: the options of a recipe's ``prune:`` section
+    (:class:`~secateurs.pruner.PruneConfig`: structure, criterion, allocation, schedule,
+    include, exclude, ...), passed to ``sc.Pruner``.
 
     Options are registry specs as a recipe writes them (``criterion: {name: taylor}``). A
     schedule's times (``start``, ``end``, ``every``...) are in fine-tuning epochs, as in a
-    recipe; a schedule other than one-shot prunes during fine-tuning.
+    recipe; a schedule other than one-shot prunes during fine-tuning. The budget comes from
+    the grid's budget point, the seed from the run.
     """
 
     budget_kinds: ClassVar[tuple[str, ...]] = ("sparsity", "params")
 
-    structure: Any = None
-    criterion: Any = None
-    allocation: Any = None
-    schedule: Any = None
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-    calibration_batches: int = 16
-
     def check(self) -> None:
-        """Build every spec once, so an unknown name or option fails before any run."""
-        from secateurs import ALLOCATIONS, CRITERIA, SCHEDULES, STRUCTURES
-        from secateurs.recipe import schedule_in_steps
-
-        schedule = self.schedule
-        if schedule is not None and not isinstance(schedule, (str, Mapping)):
-            raise ConfigError(f"schedule must be a name or a mapping; got {schedule!r}")
-        if schedule is not None:
-            schedule = schedule_in_steps(
-                schedule if isinstance(schedule, str) else dict(schedule), 1000
-            )  # epochs -> steps, as when it runs
-        for registry, spec in (
-            (STRUCTURES, self.structure),
-            (CRITERIA, self.criterion),
-            (ALLOCATIONS, self.allocation),
-            (SCHEDULES, schedule),
-        ):
-            if spec is not None:
-                registry.build(spec)
+        """Options are checked when the method is built; the budget belongs to the grid."""
+        if self.sparsity is not None or self.budget is not None:
+            raise ConfigError(
+                "a bench method takes its budget from the grid's budgets, not its own "
+                "sparsity/budget options"
+            )
+        if self.searching:
+            raise ConfigError("allocation searches are not a bench method option")
 
     def prune(self, model: nn.Module, budget: BudgetPoint, ctx: PruneContext) -> Pruned:
-        import secateurs as sc
-        from secateurs.recipe import schedule_in_steps
-
-        schedule = self.schedule
-        if schedule is not None:
-            schedule = schedule_in_steps(schedule, ctx.steps_per_epoch)
-        pruner = sc.Pruner(
-            model,
-            structure=self.structure,
-            criterion=self.criterion,
-            allocation=self.allocation,
-            schedule=schedule,
-            include=self.include,
-            exclude=self.exclude,
-            data=ctx.train_loader,
-            loss_fn=ctx.loss_fn,
-            calibration_batches=self.calibration_batches,
-            seed=ctx.seed,
-            **_sc_budget(budget),
+        config = dataclasses.replace(
+            self.config(ctx.steps_per_epoch, ctx.seed), **_sc_budget(budget)
         )
+        pruner = sc.Pruner(model, config=config, data=ctx.train_loader, loss_fn=ctx.loss_fn)
         steps = ctx.finetune_epochs * ctx.steps_per_epoch
         if pruner.last_step > steps:
             raise ConfigError(
@@ -288,8 +255,6 @@ def _classifier(model: nn.Module) -> list[nn.Module]:
 
 
 def _macs(model: nn.Module, example: Tensor) -> int:
-    from secateurs.metrics import profile
-
     return int(profile(model, example).totals["macs"] or 0)
 
 
@@ -367,50 +332,32 @@ class TorchPruning(BenchMethod):
 
 @METHODS.register("shrink")
 @dataclass
-class Shrink(BenchMethod):
+class Shrink(ShrinkConfig, BenchMethod):
     """secateurs structural pruning: ``sc.shrink`` removes channels to a MACs/params budget.
 
-    ``criterion`` defaults to L2 group magnitude; data-driven criteria get the fine-tuning
-    batches as calibration data. ``allocation``: ``uniform`` or ``global``.
+    Options are those of :class:`~secateurs.shrink.ShrinkConfig` (``criterion``, default L2
+    group magnitude; ``allocation``: ``uniform`` or ``global``; ``max_ratio``, ``round_to``,
+    ``include``, ``exclude``, ...); data-driven criteria get the fine-tuning batches as
+    calibration data. The seed comes from the run.
     """
 
     budget_kinds: ClassVar[tuple[str, ...]] = ("macs", "params")
     structural: ClassVar[bool] = True
 
-    criterion: Any = field(default_factory=lambda: {"name": "magnitude", "p": 2})
-    allocation: str = "uniform"
-    max_ratio: float = 0.9
-    round_to: int | None = None
-    ignored_layers: Sequence[str] = ()
-    calibration_batches: int = 8
-
     def check(self) -> None:
-        from secateurs import CRITERIA
-
-        name = self.criterion.get("name") if isinstance(self.criterion, Mapping) else self.criterion
-        if name is not None:
-            CRITERIA.get(str(name))
-        if self.allocation not in ("uniform", "global"):
+        if not isinstance(self.allocation, str):
             raise ConfigError(
                 f"shrink allocation {self.allocation!r} is invalid; allowed: uniform, global"
             )
 
     def prune(self, model: nn.Module, budget: BudgetPoint, ctx: PruneContext) -> Pruned:
-        import secateurs as sc
-
         sc_budget = sc.MACs(budget.value) if budget.kind == "macs" else sc.Params(budget.value)
         small = sc.shrink(
             model,
             ctx.example,
-            budget=sc_budget,
-            criterion=self.criterion,
-            allocation=self.allocation,
-            max_ratio=self.max_ratio,
-            round_to=self.round_to,
-            ignored_layers=list(self.ignored_layers),
+            sc_budget,
+            dataclasses.replace(self, seed=ctx.seed),
             data=ctx.train_loader,
             loss_fn=ctx.loss_fn,
-            calibration_batches=self.calibration_batches,
-            seed=ctx.seed,
         )
         return Pruned(small)

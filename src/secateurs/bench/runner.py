@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import secateurs
 from secateurs.bench.corruptions import corrupt
 from secateurs.bench.grid import DatasetEntry, Grid, ModelEntry, Point
 from secateurs.bench.methods import PruneContext, Pruned
@@ -43,9 +44,14 @@ from secateurs.bench.records import (
     new_record,
     read_records,
 )
-from secateurs.data import DataBundle
+from secateurs.compress import save_compressed
+from secateurs.data import DataBundle, load_dataset
 from secateurs.errors import DataError, ModelError
+from secateurs.metrics import evaluate, measure_latency, named_effective_parameters, profile
+from secateurs.runs import versions as base_versions
 from secateurs.targets import DEFAULT_TARGETS
+from secateurs.train import finetune_config, make_optimizer, train
+from secateurs.zoo import build_model
 
 Batches = list[tuple[Tensor, Tensor]]
 
@@ -64,9 +70,7 @@ class GridResult:
 
 def versions() -> dict[str, str]:
     """Versions of everything that can change a number, and the machine it ran on."""
-    from secateurs.pipeline import versions as base
-
-    out = dict(base())
+    out = dict(base_versions())
     for module in ("torchvision", "numpy", "safetensors", "torch_pruning"):
         try:
             out[module] = str(__import__(module).__version__)
@@ -95,8 +99,6 @@ def _threads(n: int | None) -> Iterator[None]:
 
 def load_bundle(entry: DatasetEntry) -> DataBundle:
     """The data set of a grid entry, cut to its train/test limits."""
-    from secateurs.data import load_dataset
-
     bundle = load_dataset(entry.name, **entry.options)
     if entry.train_limit or entry.test_limit:
         bundle = bundle.subset(
@@ -133,8 +135,6 @@ def _prepare_data(entry: DatasetEntry, grid: Grid) -> _Data:
 
 
 def _model(entry: ModelEntry, bundle: DataBundle, seed: int) -> nn.Module:
-    from secateurs.zoo import build_model
-
     return build_model(
         entry.name,
         num_classes=bundle.num_classes,
@@ -149,8 +149,6 @@ def dense_cache_path(
 ) -> Path:
     """Where the dense model of (model, dataset, seed) is cached: the name carries a digest of
     everything that decides its weights, so a changed training config never loads stale ones."""
-    import secateurs
-
     identity = {
         "model": dataclasses.asdict(model),
         "dataset": {"name": data.name, "options": data.options, "train_limit": data.train_limit},
@@ -176,8 +174,6 @@ def dense_model(
     """The trained dense model of one (model, dataset, seed) and whether it came from cache."""
     from safetensors.torch import load_file, save_file
 
-    from secateurs.train import train
-
     path = dense_cache_path(cache_dir, grid, model, data, seed)
     net = _model(model, bundle, seed)
     if path.is_file():
@@ -199,8 +195,6 @@ def dense_model(
 
 def _layer_params(model: nn.Module) -> dict[str, tuple[int, int]]:
     """(params, nonzeros) of the prunable weights of each Linear/Conv layer, by name."""
-    from secateurs.metrics import named_effective_parameters
-
     out: dict[str, tuple[int, int]] = {}
     for name, module, attr, tensor in named_effective_parameters(model):
         if isinstance(module, tuple(DEFAULT_TARGETS)) and attr == "weight":
@@ -217,8 +211,6 @@ def measure(
     dense_layers: dict[str, tuple[int, int]],
 ) -> dict[str, Any]:
     """Every measured field of a record for ``model`` (a plain module, masks baked in)."""
-    from secateurs.compress import save_compressed
-    from secateurs.metrics import evaluate, measure_latency, profile
 
     bundle = data.bundle
     ev = evaluate(model, data.test, num_classes=bundle.num_classes)
@@ -277,8 +269,6 @@ def run_point(
     dense_layers: dict[str, tuple[int, int]],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Prune, fine-tune and measure one (method, budget) point; returns (fields, extra config)."""
-    from secateurs.train import finetune_config, make_optimizer, train
-
     assert point.method is not None and point.budget is not None
     method = point.method.build()
     bundle = data.bundle
@@ -332,8 +322,6 @@ def _config(point: Point, grid: Grid, cache: Path | None, extra: dict[str, Any])
 
 
 def _base(point: Point, grid: Grid) -> dict[str, Any]:
-    import secateurs
-
     return {
         "secateurs_version": secateurs.__version__,
         "grid": grid.name,
@@ -353,8 +341,6 @@ def check_results_file(out: Path, grid: Grid) -> set[str]:
     Raises :class:`DataError` before anything runs if the file is not a results file of this
     schema, was written by another secateurs version, or holds another grid.
     """
-    import secateurs
-
     if not out.exists():
         return set()
     if not out.is_file():

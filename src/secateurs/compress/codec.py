@@ -59,8 +59,8 @@ from secateurs.compress.sharing import (
     DEFAULT_BITS,
     SharedWeights,
     bits_for,
+    check_layer_bits,
     get_shared,
-    matches,
     sharable,
     share_weights,
 )
@@ -548,9 +548,7 @@ def save_compressed(
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     state = _plain_state(model)
     quantizable = {name: module for name, module, _ in sharable(model)}
-    for pattern in config.layer_bits:
-        if not any(matches(pattern, n) for n in quantizable):
-            raise ConfigError(f"layer_bits pattern {pattern!r} matches no quantizable weight")
+    check_layer_bits(config.layer_bits, list(quantizable))
     encoded: list[_Encoded] = []
     max_error = 0.0
     for name, tensor in state.items():

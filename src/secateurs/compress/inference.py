@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from secateurs.errors import ConfigError, ModelError, SecateursError
+from secateurs.provenance import forget, record
 from secateurs.running import EvalMode, Inputs, run_example
 
 #: Sparse formats :func:`sparsify_` can choose: CSR, BSR (CPU and CUDA) and 2:4 (CUDA, sm80+).
@@ -934,8 +935,9 @@ def sparsify_(
     min_speedup: float = 1.1,
     repeats: int = 11,
     warmup: int = 2,
-) -> SparsifyReport:
-    """Swap each Linear / Conv2d holding zeros for a sparse module where that is measurably faster.
+) -> nn.Module:
+    """Swap each Linear / Conv2d holding zeros for a sparse module where that is measurably
+    faster, in place; returns ``model``.
 
     One forward pass on ``example_inputs`` records every layer's input (so use the batch shape
     you will deploy with). Then, layer by layer, the dense layer and a sparse module per format
@@ -953,7 +955,8 @@ def sparsify_(
     dense version; a replaced layer loses its mask (sparse modules are for inference).
     Everything is checked and measured before the model is touched, in eval mode under
     ``torch.inference_mode``; each module's train/eval mode is restored. :func:`densify_`
-    undoes the swap.
+    undoes the swap. The decisions and the timings they rest on are recorded on the model:
+    ``sc.report_of(model, sc.SparsifyReport)``.
     """
     fmts = _validate(formats, min_speedup, repeats, warmup)
     _check_inputs(example_inputs)
@@ -983,14 +986,18 @@ def sparsify_(
             plan.replacement.train(plan.module.training)
             _replace(model, plan.module, plan.replacement)
     device = next((str(t.device) for t in (*model.parameters(), *model.buffers())), "cpu")
-    return SparsifyReport(
-        [p.choice for p in plans],
-        list(fmts),
-        float(min_speedup),
-        repeats,
-        torch.get_num_threads(),
-        device,
+    record(
+        model,
+        SparsifyReport(
+            [p.choice for p in plans],
+            list(fmts),
+            float(min_speedup),
+            repeats,
+            torch.get_num_threads(),
+            device,
+        ),
     )
+    return model
 
 
 def densify_(model: nn.Module) -> nn.Module:
@@ -1012,4 +1019,5 @@ def densify_(model: nn.Module) -> nn.Module:
         dense = module.to_dense_module()
         dense.train(module.training)
         _replace(model, module, dense)
+    forget(model, SparsifyReport)
     return model

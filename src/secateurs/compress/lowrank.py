@@ -25,8 +25,9 @@ comes from one rule:
 
 * ``energy=e``: the smallest rank keeping at least ``e`` of the layer's ``sum(s**2)``;
 * ``rank=k``: a fixed rank (``int``) or a fraction of each layer's full rank (``float``);
-* ``params=f``: the selected layers together keep at most ``f`` of their parameters. Ranks are
-  chosen greedily by *kept energy per parameter*: every layer starts at rank 1, then the next
+* ``budget=sc.Params(keep)``: the model keeps at most ``keep`` parameters (a count, or a
+  fraction of its parameters; layers left as they are count as kept, as for every ``Params``
+  budget). Ranks are chosen greedily by *kept energy per parameter*: every layer starts at rank 1, then the next
   singular value with the largest share of its own layer's energy (``s_i**2 / sum(s**2)``,
   so layers of different scales compare) per parameter it costs is added, for as long as the
   total fits. One step past a layer's largest useful rank turns it back into the dense layer
@@ -41,7 +42,6 @@ prune afterwards (the low-rank product of a sparse matrix is dense, so the old m
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -50,9 +50,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from secateurs.budgets import Params
 from secateurs.errors import BudgetError, ConfigError, ModelError
 from secateurs.masks import raw_parameter
-from secateurs.targets import Selector, compile_selectors
+from secateurs.provenance import record
+from secateurs.selection import Candidate, Selection, Selector, matches
 
 Mode = Literal["channel", "spatial"]
 
@@ -351,23 +353,29 @@ def _check_fraction(value: object, what: str, meaning: str) -> float:
 
 
 def _check_rule(
-    energy: float | None, rank: int | float | None, params: float | None
+    energy: float | None, rank: int | float | None, budget: Params | None
 ) -> dict[str, float | int]:
     given = {
-        k: v for k, v in (("energy", energy), ("rank", rank), ("params", params)) if v is not None
+        k: v for k, v in (("energy", energy), ("rank", rank), ("budget", budget)) if v is not None
     }
     if len(given) != 1:
         named = ", ".join(given) if given else "none"
         raise ConfigError(
-            f"give exactly one of energy=, rank=, params= (got {named}): energy keeps a fraction "
-            "of each layer's squared singular values, rank fixes the rank (an int, or a float "
-            "fraction of full rank), params keeps a fraction of the selected layers' parameters"
+            f"give exactly one of energy=, rank=, budget= (got {named}): energy keeps a "
+            "fraction of each layer's squared singular values, rank fixes the rank (an int, or "
+            "a float fraction of full rank), budget=sc.Params(keep) bounds the model's "
+            "parameters"
         )
     ((key, value),) = given.items()
     if key == "energy":
         return {"energy": _check_fraction(value, "energy", "fraction of squared singular values")}
-    if key == "params":
-        return {"params": _check_fraction(value, "params", "fraction of parameters kept")}
+    if key == "budget":
+        if not isinstance(value, Params):
+            raise ConfigError(
+                f"factorize_'s budget must be sc.Params(keep) (a count or a fraction of the "
+                f"model's parameters); got {value!r}"
+            )
+        return {"params": value.keep}
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"rank must be an int >= 1 or a float in (0, 1]; got {value!r}")
     if isinstance(value, int):
@@ -427,8 +435,9 @@ class _Layer:
         return (self.weight_params - 1) // self.cost
 
 
-def _budget_ranks(layers: Sequence[_Layer], fraction: float) -> list[int | None]:
-    """Ranks meeting a parameter budget; ``None`` where a layer is best left dense.
+def _budget_ranks(layers: Sequence[_Layer], budget: float, why: str) -> list[int | None]:
+    """Ranks that keep the layers' parameters within ``budget``; ``None`` where a layer is best
+    left dense (``why`` says where the budget came from, for the error).
 
     Greedy by kept energy per parameter: every layer starts at rank 1; then, among all layers,
     the next singular value whose share of its own layer's energy (``s_i**2 / sum(s**2)``,
@@ -437,14 +446,11 @@ def _budget_ranks(layers: Sequence[_Layer], fraction: float) -> list[int | None]
     largest useful rank turns it back into the dense layer (full energy, and no more parameters
     than that step would have cost).
     """
-    total_before = sum(layer.weight_params + layer.bias_params for layer in layers)
-    budget = fraction * total_before
     spent = sum(layer.cost + layer.bias_params for layer in layers)
     if spent > budget:
         raise BudgetError(
-            f"params={fraction} keeps {budget:,.0f} of the selected layers' {total_before:,} "
-            f"parameters, but rank 1 everywhere already needs {spent:,} "
-            f"(params={spent / total_before:.4f}); raise params or exclude layers"
+            f"{why} leaves {max(budget, 0):,.0f} parameters for the layers to factorise, but "
+            f"rank 1 everywhere already needs {spent:,}; raise the budget"
         )
     keys: list[float] = []
     steps: list[tuple[int, int]] = []  # (layer index, rank after the step)
@@ -474,16 +480,6 @@ def _budget_ranks(layers: Sequence[_Layer], fraction: float) -> list[int | None]
 # whole model
 
 
-def _matches(selector: Selector, name: str, module: nn.Module) -> bool:
-    if isinstance(selector, type):
-        return isinstance(module, selector)
-    return bool(re.fullmatch(selector, name) or re.fullmatch(selector, f"{name}.weight"))
-
-
-def _describe(selector: Selector) -> str:
-    return selector.__name__ if isinstance(selector, type) else repr(selector)
-
-
 def _context_reason(
     model: nn.Module, name: str, module: nn.Module, owners: dict[int, int]
 ) -> str | None:
@@ -504,12 +500,12 @@ def factorize_(
     *,
     energy: float | None = None,
     rank: int | float | None = None,
-    params: float | None = None,
+    budget: Params | None = None,
     mode: Mode = "channel",
     include: Sequence[Selector] | None = None,
     exclude: Sequence[Selector] | None = None,
-) -> LowRankReport:
-    """Replace Linear and Conv layers of ``model`` by low-rank pairs, in place.
+) -> nn.Module:
+    """Replace Linear and Conv layers of ``model`` by low-rank pairs, in place; returns it.
 
     Give exactly one rank rule:
 
@@ -517,10 +513,11 @@ def factorize_(
       least this fraction of its ``sum(s**2)`` (its squared Frobenius norm).
     * ``rank``: an ``int`` >= 1 is the same rank for every layer (capped at its full rank); a
       ``float`` in (0, 1] is a fraction of each layer's full rank, rounded up.
-    * ``params`` in (0, 1]: the selected layers together keep at most this fraction of their
-      parameters (weights and biases); ranks are chosen greedily by kept energy per parameter,
-      each layer's energy normalised to 1 (see the module docstring). A budget below rank 1
-      everywhere is a :class:`~secateurs.errors.BudgetError`.
+    * ``budget=sc.Params(keep)``: the whole model keeps at most ``keep`` parameters (an int
+      count or a fraction; parameters outside the factorised layers count as kept); ranks are
+      chosen greedily by kept energy per parameter, each layer's energy normalised to 1 (see
+      the module docstring). A budget below rank 1 everywhere is a
+      :class:`~secateurs.errors.BudgetError`.
 
     ``mode`` says how convolutions are split: ``"channel"`` (kxk conv to ``r`` channels, then
     1x1) or ``"spatial"`` (``kh x 1`` then ``1 x kw``, Conv2d only). Layers are the model's
@@ -533,13 +530,14 @@ def factorize_(
     MultiheadAttention projection). Such a layer named by an ``include`` regex is an error
     instead. Masked (pruned) layers are factorised from their effective weight. Everything is
     checked and every SVD computed before the model changes, so an error leaves it untouched.
+    The ranks, energies and sizes are recorded on the model:
+    ``sc.report_of(model, sc.LowRankReport)``.
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"factorize_ needs an nn.Module; got {type(model).__name__}")
-    rule = _check_rule(energy, rank, params)
+    rule = _check_rule(energy, rank, budget)
     mode = _check_mode(mode)
-    include_s = compile_selectors(include, "include")
-    exclude_s = compile_selectors(exclude, "exclude")
+    selection = Selection(include, exclude)
 
     paths: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -550,25 +548,22 @@ def factorize_(
             owners[id(p)] = owners.get(id(p), 0) + 1
 
     report = LowRankReport(mode=mode, rule=rule)
-    used: set[tuple[str, int]] = set()
     candidates: list[tuple[str, nn.Module]] = []
+    names: list[str] = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, _ConvNd)):
             continue
-        named = False
-        if include_s:
-            hits = [i for i, s in enumerate(include_s) if _matches(s, name, module)]
-            used.update(("include", i) for i in hits)
-            if not hits:
-                continue
-            named = any(isinstance(include_s[i], str) for i in hits)
-        hits_ex = [i for i, s in enumerate(exclude_s) if _matches(s, name, module)]
-        if hits_ex:
-            used.update(("exclude", i) for i in hits_ex)
+        names.append(name)
+        candidate = Candidate(name, f"{name}.weight", module)
+        included = selection.included(candidate)
+        if included is False or selection.excluded(candidate):
             continue
         reason = _unsupported(module, mode) or _context_reason(model, name, module, owners)
         if reason is not None:
-            if named:
+            # a regex in include names this very layer (a type selects broadly: skip quietly)
+            if included and any(
+                isinstance(s, str) and matches(s, candidate) for s in selection.include
+            ):
                 raise ModelError(
                     f"{name or '(the model)'} cannot be factorised: {reason}. "
                     "Leave it out of include= or add it to exclude=."
@@ -576,13 +571,7 @@ def factorize_(
             report.skipped.append(SkippedLayer(name, reason))
             continue
         candidates.append((name, module))
-    for what, selectors in (("include", include_s), ("exclude", exclude_s)):
-        for i, s in enumerate(selectors):
-            if (what, i) not in used:
-                raise ConfigError(
-                    f"{what} pattern {_describe(s)} matches no Linear or Conv layer of "
-                    f"{type(model).__name__}; layers: {_preview(model)}"
-                )
+    selection.check_used("Linear or Conv layer", model, names)
 
     layers: list[_Layer] = []
     with torch.no_grad():
@@ -618,8 +607,13 @@ def factorize_(
         )
 
     chosen: list[int | None]
-    if "params" in rule:
-        chosen = _budget_ranks(layers, float(rule["params"]))
+    if budget is not None:
+        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        selected = sum(layer.weight_params + layer.bias_params for layer in layers)
+        limit = budget.limit(total)
+        why = f"{budget} keeps {limit:,} of the model's {total:,} parameters and "
+        why += f"{total - selected:,} are in layers left as they are, which"
+        chosen = _budget_ranks(layers, limit - (total - selected), why)
     elif "energy" in rule:
         chosen = [rank_for_energy(layer.svd[1], float(rule["energy"])) for layer in layers]
     else:
@@ -663,7 +657,8 @@ def factorize_(
             setattr(parent, child, new)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.skipped.sort(key=lambda s: order.get(s.name, len(order)))
-    return report
+    record(model, report)
+    return model
 
 
 def _preview(model: nn.Module, limit: int = 8) -> str:

@@ -14,7 +14,6 @@ per-centroid gradient sums. :func:`secateurs.make_permanent_` bakes the shared v
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +23,15 @@ from torch.nn.utils import parametrize
 
 from secateurs.compress.formats import check_bits
 from secateurs.errors import ConfigError, ModelError
-from secateurs.masks import Baked, get_mask, remove_mask
+from secateurs.masks import Baked, get_mask, register_baked, remove_mask
+from secateurs.selection import (
+    Candidate,
+    Selection,
+    Selector,
+    check_patterns,
+    first_match,
+    preview,
+)
 
 
 @dataclass
@@ -162,19 +169,26 @@ def layer_kind(module: nn.Module) -> str:
     return "conv" if issubclass(base, nn.modules.conv._ConvNd) else "fc"
 
 
-def matches(pattern: str, name: str) -> bool:
-    """True when regex ``pattern`` fully matches tensor ``name`` or its module's name."""
-    return bool(re.fullmatch(pattern, name) or re.fullmatch(pattern, name.rpartition(".")[0]))
-
-
 def bits_for(
     name: str, module: nn.Module, bits: Mapping[str, int], layer_bits: Mapping[str, int]
 ) -> int:
-    """Bits for tensor ``name``: the first matching ``layer_bits`` regex, else by layer kind."""
-    for pattern, value in layer_bits.items():
-        if matches(pattern, name):
-            return check_bits(value, f"weight-sharing bits for {pattern!r}")
+    """Bits for tensor ``name``: its ``layer_bits`` entry (exact name, else the first regex
+    matching the tensor or its module's name), else by layer kind."""
+    found = first_match(layer_bits, name, name.rpartition(".")[0])
+    if found is not None:
+        return check_bits(found[1], f"weight-sharing bits for {found[0]!r}")
     return check_bits(bits[layer_kind(module)], f"weight-sharing bits for {layer_kind(module)}")
+
+
+def check_layer_bits(layer_bits: Mapping[str, int], names: Sequence[str]) -> None:
+    """Every ``layer_bits`` key is a valid pattern that names one of the weights ``names``."""
+    check_patterns(layer_bits, "layer_bits")
+    for pattern in layer_bits:
+        if not any(first_match({pattern: 0}, n, n.rpartition(".")[0]) for n in names):
+            raise ConfigError(
+                f"layer_bits pattern {pattern!r} matches no shareable weight; "
+                f"weights: {preview(names)}"
+            )
 
 
 def sharable(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
@@ -192,14 +206,17 @@ def share_weights_(
     model: nn.Module,
     bits: Mapping[str, int] | None = None,
     layer_bits: Mapping[str, int] | None = None,
-    exclude: Sequence[str] = (),
+    include: Sequence[Selector] | Selector | None = None,
+    exclude: Sequence[Selector] | Selector | None = None,
     iterations: int = 30,
-) -> dict[str, int]:
-    """Replace each weight of ``model`` by shared values, in place; returns bits by tensor name.
+) -> nn.Module:
+    """Replace each weight of ``model`` by shared values, in place; returns ``model``.
 
     ``bits`` maps layer kinds (``conv``, ``fc``) to bits and defaults to Deep Compression's
-    8 and 5; ``layer_bits`` maps regexes over tensor or module names to bits and wins over the
-    kind; ``exclude`` lists regexes of tensors left as they are. A masked weight has its mask
+    8 and 5; ``layer_bits`` maps layer names or regexes over tensor or module names to bits and
+    wins over the kind; ``include`` / ``exclude`` select the layers as everywhere in secateurs
+    (regexes, module types or modules; see :mod:`secateurs.selection`). Each weight's bits are
+    on its parametrization afterwards (:func:`get_shared`). A masked weight has its mask
     baked in first (its zeros are kept). Everything is checked and clustered before the model is
     changed. Train the model afterwards to fine-tune the centroids, then
     :func:`secateurs.make_permanent_` (or :func:`secateurs.save_compressed`).
@@ -210,16 +227,12 @@ def share_weights_(
         raise ConfigError(f"unknown layer kind(s) {unknown} in bits; allowed: conv, fc")
     layer_bits = dict(layer_bits or {})
     candidates = sharable(model)
-    for pattern in [*layer_bits, *exclude]:
-        if not any(matches(pattern, n) for n, _, _ in candidates):
-            raise ConfigError(
-                f"pattern {pattern!r} matches no shareable weight; "
-                f"weights are: {', '.join(n for n, _, _ in candidates[:8])}"
-                + (" ..." if len(candidates) > 8 else "")
-            )
+    names = [n for n, _, _ in candidates]
+    check_layer_bits(layer_bits, names)
+    selection = Selection(include, exclude)
     planned: list[tuple[str, nn.Module, str, SharedWeights]] = []
     for name, module, attr in candidates:
-        if any(matches(p, name) for p in exclude):
+        if not selection.picks(Candidate(name.rpartition(".")[0], name, module)):
             continue
         if parametrize.is_parametrized(module, attr) and get_mask(module, attr) is None:
             raise ModelError(
@@ -229,6 +242,7 @@ def share_weights_(
         n_bits = bits_for(name, module, kind_bits, layer_bits)
         shared = share_weights(getattr(module, attr).detach().float().cpu(), n_bits, iterations)
         planned.append((name, module, attr, shared))
+    selection.check_used("shareable weight", model, names)
     if not planned:
         raise ModelError(
             f"{type(model).__name__} has no Linear, convolution or Embedding weight to share"
@@ -237,5 +251,5 @@ def share_weights_(
         weight = getattr(module, attr)
         remove_mask(module, attr)
         param = Shared(shared).to(weight.device)
-        parametrize.register_parametrization(module, attr, param, unsafe=True)
-    return {name: shared.bits for name, _, _, shared in planned}
+        register_baked(module, attr, param)
+    return model

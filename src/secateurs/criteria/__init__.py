@@ -3,23 +3,30 @@
 from secateurs.criteria.base import CRITERIA, Criterion, Stats
 from secateurs.criteria.channel import ChannelContext, ChannelCriterion, channel_scores
 from secateurs.criteria.gradient import OBD, Taylor
+from secateurs.criteria.layerwise import OBS, LayerwiseCriterion, SparseGPT, Wanda
 from secateurs.criteria.magnitude import Magnitude, Random
+from secateurs.criteria.movement import Movement
 from secateurs.criteria.structural import FPGM, APoZ, BNScale, MeanActivation, Regression
 
 __all__ = [
     "CRITERIA",
     "FPGM",
     "OBD",
+    "OBS",
     "APoZ",
     "BNScale",
     "ChannelContext",
     "ChannelCriterion",
     "Criterion",
+    "LayerwiseCriterion",
     "Magnitude",
     "MeanActivation",
+    "Movement",
     "Random",
     "Regression",
+    "SparseGPT",
     "Stats",
     "Taylor",
+    "Wanda",
     "channel_scores",
 ]

@@ -16,8 +16,6 @@ from torch import Tensor
 from secateurs.registry import Registry
 from secateurs.targets import Target
 
-CRITERIA: Registry[Criterion] = Registry("criterion")
-
 #: Per-target statistics gathered on calibration data, keyed by statistic name.
 Stats = Mapping[str, Tensor]
 
@@ -28,6 +26,9 @@ class Criterion(ABC):
     registry_name: ClassVar[str]
     #: True when :meth:`scores` needs statistics from calibration data (gradients).
     needs_data: ClassVar[bool] = False
+    #: True when the criterion learns from training itself: :meth:`observe` is called at every
+    #: ``Pruner.step()`` (movement pruning).
+    observes_training: ClassVar[bool] = False
 
     @abstractmethod
     def scores(self, target: Target, stats: Stats | None, seed: int) -> Tensor:
@@ -39,6 +40,14 @@ class Criterion(ABC):
     def accumulate(self, stats: dict[str, Tensor], target: Target, grad: Tensor) -> None:
         """Fold one calibration batch's gradient of ``target`` into ``stats``."""
         raise NotImplementedError(f"{type(self).__name__} uses no calibration data")
+
+    def observe(self, stats: dict[str, Tensor], target: Target) -> None:
+        """Fold the current training step of ``target`` (its weight and gradient) into
+        ``stats`` (only for criteria that :attr:`observes_training`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not learn from training steps")
+
+
+CRITERIA: Registry[Criterion] = Registry("criterion", Criterion)
 
 
 def add_stat(stats: dict[str, Tensor], key: str, value: Tensor) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from secateurs.calibration import LossFn, calibrate
+from secateurs.calibration import CALIBRATION_BATCHES, LossFn, calibrate
 from secateurs.criteria.base import Criterion, Stats
 from secateurs.errors import ConfigError
 from secateurs.graph.groups import ChannelGraph, Member
@@ -40,9 +40,13 @@ class ChannelContext:
     example_inputs: Inputs
     data: Iterable[Any] | None = None  #: calibration batches of ``(inputs, labels)``
     loss_fn: LossFn | None = None
-    calibration_batches: int = 8
+    calibration_batches: int = CALIBRATION_BATCHES
     seed: int = 0
+    #: a group a channel criterion cannot measure is an error instead of scored by L2
+    strict: bool = False
     cache: dict[str, Any] = field(default_factory=dict)
+    #: groups scored by L2 magnitude because the criterion could not measure them, and why
+    fallbacks: list[str] = field(default_factory=list)
 
     def tensor(self, ref: TensorRef) -> Tensor:
         """The parameter or buffer ``ref`` names."""

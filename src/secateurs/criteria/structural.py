@@ -53,6 +53,9 @@ NORMS: tuple[type[nn.Module], ...] = (
     nn.RMSNorm,
 )
 
+#: Why an activation criterion scores a group by L2 magnitude.
+_UNMEASURED = "no activation of these channels to measure (no layer reads or produces them)"
+
 #: Key of the cached calibration inputs in :attr:`ChannelContext.cache`.
 INPUTS_KEY = "structural.calibration_inputs"
 #: Output dimensions of a consumer are sketched down to this many random directions.
@@ -81,6 +84,19 @@ def group_l2(ctx: ChannelContext, group: ChannelGroup) -> Tensor:
             squares = reduce_to_dim(_cpu(ctx.tensor(m.ref)).square(), m.dim)
             total += per_channel(m, squares, group.size).to(torch.float64)
     return total.sqrt().to(torch.float32)
+
+
+def fallback(ctx: ChannelContext, group: ChannelGroup, who: str, why: str) -> Tensor:
+    """Score a group ``who`` cannot measure (``why``) by its L2 magnitude, and record it in
+    ``ctx.fallbacks``; with ``ctx.strict`` that is an error instead."""
+    if ctx.strict:
+        raise ConfigError(
+            f"criterion {who!r} cannot score channel group {group.name!r}: {why}. "
+            "strict=True refuses the L2-magnitude fallback; exclude the layer or use another "
+            "criterion"
+        )
+    ctx.fallbacks.append(f"{group.name}: {who} found {why}; scored by L2 magnitude")
+    return group_l2(ctx, group)
 
 
 def _conv_reads_input(module: nn.Module) -> bool:
@@ -342,7 +358,11 @@ class BNScale(ChannelCriterion):
                 scale = reduce_to_dim(_cpu(ctx.tensor(m.ref)).abs(), m.dim)
                 total += per_channel(m, scale, g.size).to(torch.float64)
                 found = True
-            out[g.index] = total.to(torch.float32) if found else group_l2(ctx, g)
+            out[g.index] = (
+                total.to(torch.float32)
+                if found
+                else fallback(ctx, g, "bn_scale", "no normalisation scale")
+            )
         return out
 
 
@@ -364,7 +384,9 @@ class APoZ(ChannelCriterion):
     def channel_scores(self, ctx: ChannelContext) -> dict[int, Tensor]:
         stats = activation_stats(ctx, "apoz")
         return {
-            g.index: (1.0 - stats[g.index][0]) if g.index in stats else group_l2(ctx, g)
+            g.index: (1.0 - stats[g.index][0])
+            if g.index in stats
+            else fallback(ctx, g, "apoz", _UNMEASURED)
             for g in ctx.graph.prunable_groups
         }
 
@@ -385,7 +407,9 @@ class MeanActivation(ChannelCriterion):
     def channel_scores(self, ctx: ChannelContext) -> dict[int, Tensor]:
         stats = activation_stats(ctx, "mean_activation")
         return {
-            g.index: stats[g.index][1] if g.index in stats else group_l2(ctx, g)
+            g.index: stats[g.index][1]
+            if g.index in stats
+            else fallback(ctx, g, "mean_activation", _UNMEASURED)
             for g in ctx.graph.prunable_groups
         }
 
@@ -749,7 +773,14 @@ class Regression(ChannelCriterion):
         out: dict[int, Tensor] = {}
         for g in ctx.graph.prunable_groups:
             scores = select(grams[g.index], g.prunable) if g.index in grams else None
-            out[g.index] = group_l2(ctx, g) if scores is None else scores
+            if scores is None:
+                why = (
+                    "no layer that reads these channels"
+                    if g.index not in grams
+                    else "channels that contribute nothing to their readers' outputs"
+                )
+                scores = fallback(ctx, g, "regression", why)
+            out[g.index] = scores
         return out
 
     def refit(self, ctx: ChannelContext, removed: dict[int, Tensor]) -> None:

@@ -193,7 +193,7 @@ class AMC(AllocationSearch):
         _, ratios, score, best_episode = best
         return SearchResult(
             method="amc",
-            ratios=ratios,
+            ratios=space.layer_map(ratios),
             value=space.measure(budget, ratios),
             limit=limit,
             unit=unit,

@@ -24,13 +24,14 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from secateurs.allocation import LayerMap
 from secateurs.budgets import BUDGETS, Budget
 from secateurs.calibration import LossFn, batchnorm_recalibrated
 from secateurs.errors import ConfigError, DataError, ModelError, SecateursError
 from secateurs.metrics import evaluate
 from secateurs.registry import Registry
 from secateurs.running import Inputs
-from secateurs.search.space import ChannelSpace, ElementSpace, LayerSpace, RatioMap
+from secateurs.search.space import ChannelSpace, ElementSpace, LayerSpace
 
 #: ``evaluate(model) -> score``, higher is better (accuracy, or minus the loss).
 Evaluator = Callable[[nn.Module], float]
@@ -39,14 +40,14 @@ Finetuner = Callable[[nn.Module, int], None]
 #: ``progress(message)``: one line per episode / iteration.
 Progress = Callable[[str], None]
 
-SEARCHES: Registry[AllocationSearch] = Registry("allocation search")
-
 
 @dataclass
 class SearchResult:
     """What a search found: a ratio map that meets the budget, and how it got there.
 
-    ``ratios``: layer name -> fraction removed. ``value``/``limit``: the budget's quantity for
+    ``ratios``: layer name -> fraction removed, a :class:`~secateurs.LayerMap` (layers it
+    does not name lose nothing) that ``sc.shrink`` (channels) and ``sc.prune_`` (masks) take
+    as ``allocation=``. ``value``/``limit``: the budget's quantity for
     the map and the most allowed (``unit`` says what it counts). ``score``: the evaluation of
     the pruned model without fine-tuning (when the search measured it). ``history``: what the
     search recorded per step (curves, episodes, iterations), JSON-ready. ``model``: a pruned,
@@ -54,7 +55,7 @@ class SearchResult:
     """
 
     method: str
-    ratios: RatioMap
+    ratios: LayerMap
     value: float
     limit: float
     unit: str
@@ -64,11 +65,15 @@ class SearchResult:
     history: dict[str, Any] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.ratios, LayerMap):
+            self.ratios = LayerMap(dict(self.ratios), default=0.0)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON form (without the model)."""
         return {
             "method": self.method,
-            "ratios": self.ratios,
+            "ratios": dict(self.ratios),
             "value": self.value,
             "limit": self.limit,
             "unit": self.unit,
@@ -129,6 +134,9 @@ class AllocationSearch(ABC):
         """Search; ``space.check(budget)`` has passed; leave the model as it was."""
 
 
+SEARCHES: Registry[AllocationSearch] = Registry("allocation search", AllocationSearch)
+
+
 def accuracy_evaluator(
     data: Iterable[Any],
     metric: str = "accuracy",
@@ -167,7 +175,7 @@ def accuracy_evaluator(
     return run
 
 
-SPACES: dict[str, type[LayerSpace]] = {"elements": ElementSpace, "channels": ChannelSpace}
+SPACES: dict[str, Callable[..., LayerSpace]] = {"elements": ElementSpace, "channels": ChannelSpace}
 
 
 def search_allocation(
@@ -187,17 +195,20 @@ def search_allocation(
 ) -> SearchResult:
     """Find per-layer ratios that meet ``budget`` by sensitivity analysis, AMC or NetAdapt.
 
-    ``space``: ``"channels"`` (removed channels; options of :class:`ChannelSpace`:
-    ``criterion``, ``max_ratio``, ``round_to``, ``ignored_layers``) or ``"elements"`` (masks;
-    options of :class:`ElementSpace`: ``structure``, ``criterion``, ``include``, ``exclude``),
-    or a space already built. ``evaluate(model) -> score`` (higher is better) defaults to top-1
+    ``space``: ``"channels"`` (removed channels; ``space_options`` are those of
+    :class:`~secateurs.shrink.ShrinkConfig`: ``criterion``, ``max_ratio``, ``round_to``,
+    ``include``, ``exclude``, ...) or ``"elements"`` (masks; those of
+    :class:`~secateurs.pruner.PruneConfig`: ``structure``, ``criterion``, ``include``,
+    ``exclude``, ...), or a space already built; ``loss_fn`` among them is used by
+    data-driven criteria, which read ``data`` too. ``evaluate(model) -> score`` (higher is better) defaults to top-1
     accuracy on ``data``, a held-out calibration split, with the BatchNorm statistics of each
     candidate re-estimated on it first (``adapt_bn``; see :func:`accuracy_evaluator`).
     ``finetune(model, steps)`` is needed
     by NetAdapt. The model is left as it was, also when the search fails.
 
-    Use the result with ``sc.shrink(model, x, budget, allocation=result.ratios)`` (channels)
-    or ``sc.prune_(model, allocation=space.layer_map(result.ratios), ...)`` (elements).
+    ``result.ratios`` is a :class:`~secateurs.LayerMap`: ``sc.shrink(model, x, budget,
+    allocation=result.ratios)`` removes channels by it, ``sc.prune_(model,
+    allocation=result.ratios)`` masks by it.
     """
     searcher = SEARCHES.build(method)
     budget_ = BUDGETS.build(budget)
@@ -218,7 +229,7 @@ def search_allocation(
             raise ConfigError("removing channels needs example_inputs to trace the model")
         if space not in SPACES:
             raise ConfigError(f"space must be one of {sorted(SPACES)}; got {space!r}")
-        space_ = SPACES[space](model, example_inputs, seed=seed, **space_options)  # type: ignore[call-arg]
+        space_ = SPACES[space](model, example_inputs, data=data, seed=seed, **space_options)
     else:
         space_ = space
     space_.check(budget_)

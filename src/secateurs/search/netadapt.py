@@ -29,6 +29,7 @@ with :func:`secateurs.shrink` to cut a fresh copy the same way).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -124,12 +125,6 @@ class _Run:
         self.widths = dict(self.original)
         self.limit = space.limit(budget)
         self.unit = space.unit(budget)
-        names = {id(m): n for n, m in space.model.named_modules()}
-        # modules of the original model do not exist in its copies; their names do
-        self.ignored = [
-            names[id(item)] if isinstance(item, nn.Module) else item
-            for item in space.config.ignored_layers
-        ]
 
     def ratios(self, widths: dict[str, int]) -> RatioMap:
         """Widths as fractions removed from the original groups."""
@@ -147,18 +142,9 @@ class _Run:
         Its ``max_ratio`` is 1: the cap on what a group may lose is the original one, enforced
         by the search, not a fraction of what is left.
         """
-        cfg = self.space.config
-        return ChannelSpace(
-            model,
-            self.space.example_inputs,
-            criterion=cfg.criterion,
-            max_ratio=1.0,
-            round_to=cfg.round_to,
-            ignored_layers=self.ignored,
-            calibration_batches=cfg.calibration_batches,
-            seed=cfg.seed,
-            strict=cfg.strict,
-        )
+        # the space's selectors are names (never module objects), so they hold on a copy
+        config = dataclasses.replace(self.space.config, max_ratio=1.0)
+        return ChannelSpace(model, self.space.example_inputs, config)
 
     def search(self) -> SearchResult:
         opts, ctx = self.options, self.ctx
@@ -192,7 +178,7 @@ class _Run:
         ratios = self.ratios(self.widths)
         return SearchResult(
             method="netadapt",
-            ratios=ratios,
+            ratios=self.space.layer_map(ratios),
             value=self.value(self.widths),
             limit=self.limit,
             unit=self.unit,

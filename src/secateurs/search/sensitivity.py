@@ -184,7 +184,7 @@ class Sensitivity(AllocationSearch):
         )
         return SearchResult(
             method="sensitivity",
-            ratios=ratios,
+            ratios=space.layer_map(ratios),
             value=space.measure(budget, ratios),
             limit=limit,
             unit=space.unit(budget),

@@ -20,8 +20,8 @@ A ratio map found on a space feeds the usual machinery: element maps become a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -34,17 +34,20 @@ from torch import Tensor, nn
 from secateurs.allocation.base import LayerMap, Uniform
 from secateurs.budgets import Budget, Bytes, Latency, MACs, Params, Sparsity
 from secateurs.calibration import LossFn, calibrate
-from secateurs.criteria import CRITERIA, Criterion, Magnitude
 from secateurs.errors import BudgetError, ConfigError
 from secateurs.graph.surgery import apply_plan_, mask_plan_, plan_from_removed
 from secateurs.metrics import csr_size, profile
-from secateurs.pruner import Pruner, compute_masks
+from secateurs.pruner import PruneConfig, Pruner, compute_masks
+from secateurs.registry import build_dataclass
 from secateurs.running import Inputs
-from secateurs.shrink import ShrinkConfig, _removal, channel_candidates, channel_measure
-from secateurs.structures import NM, STRUCTURES, Elements, Structure
+from secateurs.shrink import ShrinkConfig, _removal, by_name, channel_candidates, channel_measure
+from secateurs.structures import NM
 from secateurs.targets import find_targets
 
 RatioMap = dict[str, float]
+
+#: The most of one layer's weights an element search may remove (see :class:`ElementSpace`).
+MAX_ELEMENT_RATIO = 0.99
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,11 @@ class LayerSpace(ABC):
             for layer in self.layers
         }
 
+    def layer_map(self, ratios: Mapping[str, float]) -> LayerMap:
+        """``ratios`` as the allocation that prunes each layer to its ratio (by exact name; a
+        layer it does not name loses nothing): what ``prune_`` and ``shrink`` take."""
+        return LayerMap(self.clean(ratios), default=0.0)
+
     @property
     def description(self) -> str:
         return type(self).__name__
@@ -158,10 +166,14 @@ def _geometry(module: nn.Module, weight: Tensor) -> tuple[int, int, int, int]:
 class ElementSpace(LayerSpace):
     """Ratio maps over element (or block) masks: each target tensor is one layer.
 
-    ``structure``: any mask structure but N:M (whose ratio is fixed by the pattern).
-    ``criterion``: how the weights of one layer are ranked (default magnitude); data-driven
-    criteria are calibrated once on ``data``. The budget counts: sparsity over the targets,
-    parameters (nonzeros), or bytes (each tensor the cheaper of dense and CSR).
+    The plan is a :class:`~secateurs.pruner.PruneConfig` (``config=`` or its keywords):
+    its ``structure`` (any mask structure but N:M, whose ratio the pattern fixes),
+    ``criterion`` (how one layer's weights are ranked; data-driven ones are calibrated once
+    on ``data``), ``include`` / ``exclude`` and ``seed``. A layer may lose at most
+    ``max_ratio`` of its weights (0.99 by default, where ``shrink`` keeps a tenth of a
+    layer's channels: a masked layer keeps every connection path). The budget counts: sparsity
+    over the targets, parameters (nonzeros), or bytes (each tensor the cheaper of dense and
+    CSR).
     """
 
     budgets = (Sparsity, Params, Bytes)
@@ -170,37 +182,38 @@ class ElementSpace(LayerSpace):
         self,
         model: nn.Module,
         example_inputs: Inputs | None = None,
+        config: PruneConfig | None = None,
         *,
-        structure: Structure | str | Mapping[str, Any] | None = None,
-        criterion: Criterion | str | Mapping[str, Any] | None = None,
-        include: Iterable[Any] | None = None,
-        exclude: Iterable[Any] | None = None,
-        max_ratio: float = 0.99,
+        max_ratio: float = MAX_ELEMENT_RATIO,
         data: Iterable[Any] | None = None,
         loss_fn: LossFn | None = None,
-        calibration_batches: int = 8,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
+        if config is None:
+            config = build_dataclass(PruneConfig, options, "element space")
+        elif options:
+            raise ConfigError("give the element space config= or keywords, not both")
         self.model = model
-        self.structure = STRUCTURES.build(structure or Elements())
+        self.config = config
+        self.structure = config.structure_
         if isinstance(self.structure, NM):
             raise ConfigError(
                 "N:M structures fix every layer's ratio at 1 - n/m; there is no per-layer ratio "
                 "to search. Use structure 'elements', 'blocks' or 'channels'"
             )
-        self.criterion = CRITERIA.build(criterion or Magnitude())
+        self.criterion = config.criterion_
+        if isinstance(max_ratio, bool) or not isinstance(max_ratio, float | int):
+            raise ConfigError(f"max_ratio must be a number in (0, 1); got {max_ratio!r}")
         if not 0 < max_ratio < 1:
             raise ConfigError(f"max_ratio must be in (0, 1); got {max_ratio!r}")
-        self._include = list(include) if include else None
-        self._exclude = list(exclude) if exclude else None
-        self.targets = find_targets(model, self._include, self._exclude)
-        self.seed = seed
+        self.targets = find_targets(model, config.include, config.exclude, config.params)
+        self.seed = config.seed
         self.stats = None
         if self.criterion.needs_data:
             if data is None:
                 raise ConfigError(f"criterion {self.criterion.registry_name!r} needs data=")
             self.stats = calibrate(
-                model, self.targets, self.criterion, data, loss_fn, calibration_batches
+                model, self.targets, self.criterion, data, loss_fn, config.calibration_batches
             )
         per_layer = _layer_costs(model, example_inputs)
         self._by_name = {t.name: t for t in self.targets}
@@ -306,25 +319,17 @@ class ElementSpace(LayerSpace):
                 for name, value in saved.items():
                     self._by_name[name].raw.copy_(value)
 
-    def layer_map(self, ratios: Mapping[str, float]) -> LayerMap:
-        """The allocation that prunes each layer to its ratio (exact names, others kept)."""
-        r = self.clean(ratios)
-        return LayerMap({re.escape(n): v for n, v in r.items()}, default=0.0)
-
     def realize(self, ratios: Mapping[str, float]) -> nn.Module:
         model = copy.deepcopy(self.model)
-        r = self.clean(ratios)
-        overall = 1.0 - self.measure(Sparsity(0.0), r)
-        pruner = Pruner(
-            model,
-            sparsity=min(overall, 0.999),
-            structure=self.structure,
+        plan = dataclasses.replace(
+            self.config,
+            sparsity=None,
+            budget=None,
+            allocation=self.layer_map(ratios),
+            schedule=None,
             criterion=self.criterion,
-            allocation=self.layer_map(r),
-            include=self._include,
-            exclude=self._exclude,
         )
-        pruner.prune_to(pruner.final_sparsity)
+        Pruner(model, config=plan).prune_to_final()
         return model
 
 
@@ -342,9 +347,10 @@ def _layer_costs(model: nn.Module, example_inputs: Inputs | None) -> dict[str, i
 class ChannelSpace(LayerSpace):
     """Ratio maps over removed channels: each removable channel group is one layer.
 
-    Channels leave in the order of ``criterion`` (see :class:`~secateurs.shrink.ShrinkConfig`
-    for the options); the budget counts kept channels (sparsity), parameters, MACs, bytes or
-    latency predicted by a per-layer look-up table, all without running the model.
+    Channels leave in the order of the :class:`~secateurs.shrink.ShrinkConfig`'s criterion
+    (``config=`` or its keywords); the budget counts kept channels (sparsity), parameters,
+    MACs, bytes or latency predicted by a per-layer look-up table, all without running the
+    model.
     """
 
     budgets = (Sparsity, Params, MACs, Bytes, Latency)
@@ -353,28 +359,19 @@ class ChannelSpace(LayerSpace):
         self,
         model: nn.Module,
         example_inputs: Inputs,
+        config: ShrinkConfig | None = None,
         *,
-        criterion: Criterion | str | Mapping[str, Any] | None = None,
-        max_ratio: float = 0.9,
-        round_to: int | None = None,
-        ignored_layers: Iterable[str | nn.Module] = (),
         data: Iterable[Any] | None = None,
         loss_fn: LossFn | None = None,
-        calibration_batches: int = 8,
-        seed: int = 0,
-        strict: bool = False,
+        **options: Any,
     ) -> None:
+        if config is None:
+            config = build_dataclass(ShrinkConfig, options, "channel space")
+        elif options:
+            raise ConfigError("give the channel space config= or keywords, not both")
         self.model = model
         self.example_inputs = example_inputs
-        self.config = ShrinkConfig(
-            criterion=dict(criterion) if isinstance(criterion, Mapping) else criterion,
-            max_ratio=max_ratio,
-            round_to=round_to,
-            ignored_layers=list(ignored_layers),
-            calibration_batches=calibration_batches,
-            seed=seed,
-            strict=strict,
-        )
+        self.config = by_name(config, model)
         self.graph, self.cands, _ = channel_candidates(
             model, example_inputs, self.config, data, loss_fn
         )
@@ -413,7 +410,9 @@ class ChannelSpace(LayerSpace):
 
     def removed(self, ratios: Mapping[str, float]) -> dict[int, Tensor]:
         """The channel masks (by group index) that ``ratios`` removes."""
-        return _removal(self.cands, 1.0, self.clean(ratios), self.config.round_to)
+        return _removal(
+            self.cands, 1.0, LayerMap(self.clean(ratios), default=0.0), self.config.round_to
+        )
 
     def _measure(self, budget: Budget) -> tuple[Callable[[dict[int, Tensor]], float], float, str]:
         key = (type(budget), getattr(budget, "keep", getattr(budget, "value", None)))

@@ -22,7 +22,6 @@ before the model has found its footing); or ``cosine``, a decay from ``coefficie
 from __future__ import annotations
 
 import math
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,10 +33,9 @@ from torch import Tensor, nn
 from secateurs.errors import ConfigError, ModelError
 from secateurs.masks import raw_parameter
 from secateurs.registry import Registry
+from secateurs.selection import Candidate, Selector, compile_selectors, select
 from secateurs.structures import NM, STRUCTURES, Structure, canonical, uncanonical
-from secateurs.targets import Selector, Target, compile_selectors, find_targets
-
-REGULARIZERS: Registry[Regularizer] = Registry("regularizer")
+from secateurs.targets import Target, find_targets
 
 #: Names of the coefficient schedules a regularizer accepts.
 COEFFICIENT_SCHEDULES = ("constant", "linear", "cosine")
@@ -156,6 +154,9 @@ class Regularizer(ABC):
         batch does not enter the penalty and is ignored.
         """
         return self.coefficient_at(step) * self.penalty()
+
+
+REGULARIZERS: Registry[Regularizer] = Registry("regularizer", Regularizer)
 
 
 @REGULARIZERS.register("l1")
@@ -299,40 +300,21 @@ class BNL1(Regularizer):
     """
 
     def _select(self, model: nn.Module) -> list[Target]:
-        include = compile_selectors(self.include, "include")
-        exclude = compile_selectors(self.exclude, "exclude")
-        used: set[tuple[str, int]] = set()
+        candidates = [
+            Candidate(name, f"{name}.weight" if name else "weight", module)
+            for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            # affine=False: no scale to shrink
+            and isinstance(getattr(module, "weight", None), Tensor)
+        ]
+        chosen = select(candidates, self.include, self.exclude, "BatchNorm layer", model)
         seen: set[int] = set()
         targets: list[Target] = []
-        for module_name, module in model.named_modules():
-            if not isinstance(module, nn.modules.batchnorm._BatchNorm):
-                continue
-            if not isinstance(getattr(module, "weight", None), Tensor):
-                continue  # affine=False: no scale to shrink
-            tensor_name = f"{module_name}.weight" if module_name else "weight"
-            hits = [
-                i for i, s in enumerate(include) if _matches(s, module_name, tensor_name, module)
-            ]
-            used.update(("include", i) for i in hits)
-            if include and not hits:
-                continue
-            hits = [
-                i for i, s in enumerate(exclude) if _matches(s, module_name, tensor_name, module)
-            ]
-            used.update(("exclude", i) for i in hits)
-            raw = raw_parameter(module, "weight")
-            if hits or id(raw) in seen:
-                continue
-            seen.add(id(raw))
-            targets.append(Target(tensor_name, module_name, module, "weight"))
-        for label, selectors in (("include", include), ("exclude", exclude)):
-            for i, s in enumerate(selectors):
-                if (label, i) not in used:
-                    shown = s.__name__ if isinstance(s, type) else repr(s)
-                    raise ConfigError(
-                        f"bn_l1 {label} pattern {shown} matches no BatchNorm layer of "
-                        f"{type(model).__name__}; BatchNorm layers: {_batchnorm_names(model)}"
-                    )
+        for c in chosen:
+            raw = raw_parameter(c.module, "weight")
+            if id(raw) not in seen:
+                seen.add(id(raw))
+                targets.append(Target(c.tensor_name, c.module_name, c.module, "weight"))
         if not targets:
             raise ModelError(
                 f"{type(model).__name__} has no BatchNorm layer with a learnable scale "
@@ -343,21 +325,3 @@ class BNL1(Regularizer):
 
     def _penalty(self, target: Target) -> Tensor:
         return target.weight.float().abs().sum()
-
-
-def _matches(selector: Selector, module_name: str, tensor_name: str, module: nn.Module) -> bool:
-    if isinstance(selector, type):
-        return isinstance(module, selector)
-    return bool(re.fullmatch(selector, module_name) or re.fullmatch(selector, tensor_name))
-
-
-def _batchnorm_names(model: nn.Module, limit: int = 8) -> str:
-    names = [
-        n or "(root)"
-        for n, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    ]
-    if not names:
-        return "(none)"
-    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
