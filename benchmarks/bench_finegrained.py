@@ -7,7 +7,12 @@ sparsity run, from the same dense weights and with the same fine-tuning epoch bu
   fine-tuning at a tenth of the training learning rate (the usual recipe);
 * ``secateurs one-shot``: the same plan through secateurs (a sanity check: it should match);
 * ``secateurs gradual``: Zhu & Gupta's cubic schedule over the first 2/3 of the budget, LAMP
-  allocation, at the training learning rate with cosine decay (secateurs' best schedule here).
+  allocation, at the training learning rate with cosine decay (secateurs' best schedule here);
+* ``defaults``: the README's 30-second loop as a user writes it: ``sc.Pruner(model,
+  sparsity=s, schedule=sc.Gradual(start=0, end=5000, every=100))`` with every other option
+  left to its default, inside a plain SGD loop (momentum 0.9) at the training learning rate;
+  ``defaults, lr/10`` is the same loop at a tenth of it (what fine-tuning usually uses), and
+  ``defaults + lamp`` the same loop with ``allocation="lamp"``: the evidence for the defaults.
 
 Prints a table and writes JSON. Everything runs on the CPU, one thread per process.
 
@@ -106,10 +111,34 @@ def run_secateurs_gradual(
     return sc.make_permanent_(model)
 
 
+def readme_loop(
+    model: nn.Module, s: float, epochs: int, loaders: Any, seed: int, lr: float, **options: Any
+) -> nn.Module:
+    """The README's loop: a plain SGD loop with ``pruner.step()`` after each optimizer step."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    pruner = sc.Pruner(
+        model, sparsity=s, schedule=sc.Gradual(start=0, end=5000, every=100), **options
+    )
+    for _ in range(epochs):
+        for inputs, labels in loaders[0]:
+            loss = nn.functional.cross_entropy(model(inputs), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            pruner.step()
+    return sc.make_permanent_(model)
+
+
 METHODS = {
     "torch.prune one-shot": run_torch_prune,
     "secateurs one-shot": run_secateurs_oneshot,
     "secateurs gradual": run_secateurs_gradual,
+    "defaults": lambda m, s, e, ld, seed: readme_loop(m, s, e, ld, seed, TRAIN_LR),
+    "defaults, lr/10": lambda m, s, e, ld, seed: readme_loop(m, s, e, ld, seed, TRAIN_LR / 10),
+    "defaults + lamp": lambda m, s, e, ld, seed: readme_loop(
+        m, s, e, ld, seed, TRAIN_LR, allocation="lamp"
+    ),
 }
 
 
