@@ -115,3 +115,20 @@ def test_the_ship_program_writes_a_smaller_file_that_loads_the_same_weights(
     sc.make_permanent_(model)
     for k, v in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
+
+
+@pytest.mark.slow
+def test_the_llm_program_prunes_smollm2_to_2_of_4(namespace: dict[str, Any]) -> None:
+    """The real model, with fewer and shorter windows than the README (the numbers of the
+    README come from the benchmark)."""
+    pytest.importorskip("gguf")
+    block = next(b for b in _blocks() if b.startswith("# as one program: a pretrained LLM"))
+    small = block.replace(", 512, 64)", ", 128, 4)").replace(", 512, 32)", ", 128, 2)")
+    assert small != block
+    exec(_blocks()[0].split("\n\n")[0], namespace)
+    exec(small, namespace)
+    model, layers = namespace["model"], namespace["layers"]
+    assert len(layers) == 210 and all(layer.sparsity == 0.5 for layer in layers)
+    w = model.model.layers[0].mlp.up_proj.weight.detach().reshape(-1, 4)
+    assert int((w != 0).sum(1).max()) <= 2
+    assert (Path("smollm2-2of4") / "config.json").is_file()

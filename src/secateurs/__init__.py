@@ -41,7 +41,13 @@ from secateurs.criteria import (
     Wanda,
 )
 from secateurs.errors import BudgetError, ConfigError, DataError, ModelError, SecateursError
-from secateurs.export import ExportReport, export_onnx, export_safetensors, load_safetensors
+from secateurs.export import (
+    ExportReport,
+    export_huggingface,
+    export_onnx,
+    export_safetensors,
+    load_safetensors,
+)
 from secateurs.graph import ChannelPlan, apply_plan_
 from secateurs.masks import (
     apply_masks_,
@@ -146,6 +152,7 @@ __all__ = [
     "densify_",
     "drop_blocks",
     "evaluate",
+    "export_huggingface",
     "export_onnx",
     "export_safetensors",
     "factorize_",
