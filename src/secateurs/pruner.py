@@ -36,7 +36,7 @@ from secateurs.oneshot import (
     prune_layerwise_,
 )
 from secateurs.provenance import record
-from secateurs.registry import build_dataclass, to_spec
+from secateurs.registry import config_of, to_spec
 from secateurs.schedules import (
     SCHEDULES,
     Densify,
@@ -282,13 +282,9 @@ class Pruner:
         progress: Progress | None = None,
         **options: Any,
     ) -> None:
-        if config is None:
-            config = build_dataclass(PruneConfig, {"sparsity": sparsity, **options}, "Pruner")
-        elif sparsity is not None or options:
-            raise ConfigError(
-                "give the plan either as config=PruneConfig(...) or as keywords, not both"
-            )
-        self.config = config
+        if sparsity is not None:
+            options["sparsity"] = sparsity
+        self.config = config = config_of(PruneConfig, config, options, "the pruner")
         self.model = model
         self.data = data
         self.loss_fn = loss_fn

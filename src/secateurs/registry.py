@@ -105,6 +105,24 @@ def build_dataclass(cls: type[T], options: Mapping[str, Any], where: str) -> T:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def config_of(cls: type[T], config: T | None, options: Mapping[str, Any], where: str) -> T:
+    """``config``, or a ``cls`` built from keyword ``options``: one or the other, never both.
+
+    What every call taking a config does (``Pruner``, ``shrink``, the search spaces), so a
+    user may pass ``config=PruneConfig(...)`` once and reuse it, or just the keywords.
+    """
+    if config is None:
+        return build_dataclass(cls, options, where)
+    if options:
+        raise ConfigError(
+            f"give {where} its options either as config={cls.__name__}(...) or as keywords "
+            f"({', '.join(options)}), not both"
+        )
+    if not isinstance(config, cls):
+        raise ConfigError(f"{where}: config must be a {cls.__name__}; got {config!r}")
+    return config
+
+
 def to_spec(obj: Any) -> dict[str, Any]:
     """The inverse of :meth:`Registry.build`: ``{"name": ..., **fields}`` for a method object."""
     spec: dict[str, Any] = {"name": getattr(type(obj), "registry_name", type(obj).__name__)}

@@ -47,7 +47,7 @@ from secateurs.graph.groups import ChannelGraph, ChannelGroup, build_graph
 from secateurs.graph.latency import LatencyTable
 from secateurs.graph.surgery import ChannelPlan, apply_plan_, check_forward, plan_from_removed
 from secateurs.provenance import record
-from secateurs.registry import build_dataclass
+from secateurs.registry import config_of
 from secateurs.running import Inputs, run_example
 from secateurs.selection import Candidate, Selection, Selector, compile_selectors
 
@@ -542,13 +542,7 @@ def shrink(
     :func:`secateurs.export_safetensors` stores so the file loads into a fresh instance of
     the original class.
     """
-    if config is None:
-        config = build_dataclass(ShrinkConfig, options, "shrink")
-    elif options:
-        raise ConfigError(
-            "give shrink's options either as config=ShrinkConfig(...) or as keywords, not both"
-        )
-    config = by_name(config, model)
+    config = by_name(config_of(ShrinkConfig, config, options, "shrink"), model)
     check_int(steps, "steps", 1)
     if isinstance(config.allocation_, LayerMap) and steps > 1:
         raise ConfigError("a ratio map is applied in one step: use steps=1 with it")

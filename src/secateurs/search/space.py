@@ -38,7 +38,7 @@ from secateurs.errors import BudgetError, ConfigError
 from secateurs.graph.surgery import apply_plan_, mask_plan_, plan_from_removed
 from secateurs.metrics import csr_size, profile
 from secateurs.pruner import PruneConfig, Pruner, compute_masks
-from secateurs.registry import build_dataclass
+from secateurs.registry import config_of
 from secateurs.running import Inputs
 from secateurs.shrink import ShrinkConfig, _removal, by_name, channel_candidates, channel_measure
 from secateurs.structures import NM
@@ -189,12 +189,8 @@ class ElementSpace(LayerSpace):
         loss_fn: LossFn | None = None,
         **options: Any,
     ) -> None:
-        if config is None:
-            config = build_dataclass(PruneConfig, options, "element space")
-        elif options:
-            raise ConfigError("give the element space config= or keywords, not both")
         self.model = model
-        self.config = config
+        self.config = config = config_of(PruneConfig, config, options, "the element space")
         self.structure = config.structure_
         if isinstance(self.structure, NM):
             raise ConfigError(
@@ -365,13 +361,9 @@ class ChannelSpace(LayerSpace):
         loss_fn: LossFn | None = None,
         **options: Any,
     ) -> None:
-        if config is None:
-            config = build_dataclass(ShrinkConfig, options, "channel space")
-        elif options:
-            raise ConfigError("give the channel space config= or keywords, not both")
         self.model = model
         self.example_inputs = example_inputs
-        self.config = by_name(config, model)
+        self.config = by_name(config_of(ShrinkConfig, config, options, "the channel space"), model)
         self.graph, self.cands, _ = channel_candidates(
             model, example_inputs, self.config, data, loss_fn
         )
