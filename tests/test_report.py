@@ -94,7 +94,7 @@ def _report(**overrides: Any) -> RunReport:
 
 def test_report_writes_every_file(tmp_path: Path) -> None:
     paths = write_report(_report(), tmp_path / "out")
-    assert set(paths) == {"json", "markdown", *PLOTS}
+    assert set(paths) == {"json", "markdown", "html", *PLOTS}
     assert paths["json"] == tmp_path / "out" / "report.json"
     assert paths["markdown"] == tmp_path / "out" / "report.md"
     for name in PLOTS:
@@ -142,7 +142,7 @@ def test_missing_data_is_skipped_and_said(tmp_path: Path) -> None:
         pruned={"accuracy": 0.8, "nonzeros": 100},
     )
     paths = write_report(report, tmp_path)
-    assert set(paths) == {"json", "markdown", "layer_density"}
+    assert set(paths) == {"json", "markdown", "html", "layer_density"}
     md = paths["markdown"].read_text()
     assert "No trajectory" in md
     assert "Not measured" in md and "latency" in md.split("Not measured")[1]
@@ -152,7 +152,7 @@ def test_missing_data_is_skipped_and_said(tmp_path: Path) -> None:
 def test_bare_report_and_nan_values(tmp_path: Path) -> None:
     bare = RunReport(title="t", model="m", dataset="d")
     paths = write_report(bare, tmp_path / "bare")
-    assert set(paths) == {"json", "markdown"}
+    assert set(paths) == {"json", "markdown", "html"}
     assert RunReport.from_dict(json.loads(paths["json"].read_text())) == bare
 
     # a class with no test examples has NaN accuracy: written as null, valid strict JSON

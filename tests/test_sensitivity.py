@@ -395,6 +395,10 @@ def test_cli_sensitivity_writes_curves_and_plot(tmp_path: Path) -> None:
     assert result["value"] <= result["limit"] + 1e-9
     assert set(result["history"]["curves"]) == set(result["ratios"])
     assert (tmp_path / "sensitivity.png").stat().st_size > 1000
+    page = (tmp_path / "report.html").read_text()
+    assert "<script" not in page and page.count('src="data:image/png;base64,') == 1
+    for layer, ratio in result["ratios"].items():  # the page's ratio map is the JSON's
+        assert f"<td class=l>{layer}</td><td>{ratio:.3f}</td>" in page
 
 
 def test_recipe_allocation_searches_run_in_the_pipeline(tmp_path: Path) -> None:

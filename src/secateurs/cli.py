@@ -1,4 +1,5 @@
-"""The ``secateurs`` command line: demo, run, sensitivity, summary, inspect, methods, bench.
+"""The ``secateurs`` command line: demo, run, sensitivity, summary, inspect, report, methods,
+bench.
 
 The CLI owns the terminal (rich tables and progress bars); the library only reports through
 callbacks. Every user error exits with status 2 and one line saying what was wrong.
@@ -177,6 +178,9 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def _print_headline(report: dict[str, Any]) -> None:
+    """Dense against pruned, and what the run realised, in one table a person reads at once."""
+    from secateurs.report.writer import headline_rows, realised_rows
+
     d, p = report["dense"], report["pruned"]
     table = Table(title=f"{report['title']}: {report['model']} on {report['dataset']}")
     for col in ("", "dense", "pruned", "change"):
@@ -191,56 +195,17 @@ def _print_headline(report: dict[str, Any]) -> None:
         _print_lm_rows(table, report)
         console.print(table)
         return
-    table.add_row(
-        "top-1 accuracy",
-        f"{d['accuracy']:.2%}",
-        f"{p['accuracy']:.2%}",
-        f"{(p['accuracy'] - d['accuracy']) * 100:+.2f} pt",
-    )
-    table.add_row(
-        "nonzero params",
-        f"{d['nonzeros']:,}",
-        f"{p['nonzeros']:,}",
-        _ratio(d["nonzeros"], p["nonzeros"]),
-    )
-    table.add_row(
-        "MACs (nonzero)",
-        f"{d['macs_nonzero']:,}",
-        f"{p['macs_nonzero']:,}",
-        _ratio(d["macs_nonzero"], p["macs_nonzero"]),
-    )
-    table.add_row(
-        "bytes (CSR)",
-        f"{d['bytes_dense']:,}",
-        f"{p['bytes_csr']:,}",
-        _ratio(d["bytes_dense"], p["bytes_csr"]),
-    )
-    if d.get("latency_ms") and p.get("latency_ms"):
-        table.add_row(
-            "latency b=1 (ms)",
-            f"{d['latency_ms']:.3f}",
-            f"{p['latency_ms']:.3f}",
-            _ratio(d["latency_ms"], p["latency_ms"]),
-        )
-    compressed = report.get("extra", {}).get("export", {}).get("compressed")
-    if compressed:
-        table.add_row(
-            "file bytes (.sct)",
-            f"{compressed['dense_file_bytes']:,}",
-            f"{compressed['file_bytes']:,}",
-            f"{compressed['ratio']:.1f}x",
-        )
-        table.add_row(
-            "accuracy from .sct",
-            f"{d['accuracy']:.2%}",
-            f"{compressed['accuracy']:.2%}",
-            f"{(compressed['accuracy'] - d['accuracy']) * 100:+.2f} pt",
-        )
+    rows, _ = headline_rows(d, p)
+    wanted = ("top-1 accuracy", "nonzero parameters")
+    for row in rows:
+        if row[0] in wanted:
+            table.add_row(*row)
+    saved, why_not = realised_rows(report.get("extra", {}))
+    for row in saved:
+        table.add_row(*row)
     console.print(table)
-    console.print(
-        "  [dim]Masked weights are stored as zeros in a dense file; the dense-file latency "
-        "does not drop until channels are removed or sparse kernels are used.[/dim]"
-    )
+    for line in why_not:
+        console.print(f"  [dim]{line}[/dim]")
 
 
 def _print_lm_rows(table: Table, report: dict[str, Any]) -> None:
@@ -336,6 +301,20 @@ def cmd_summary(args: argparse.Namespace) -> int:
             f"[bold]{args.checkpoint}[/bold]: {meta['model']} ({meta.get('dataset', '?')})"
         )
         print(result)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rebuild a run's report.html (and report.md, plots) from its report.json."""
+    from secateurs.report import rebuild_report
+
+    paths = rebuild_report(args.run_dir)
+    console.print(f"  report: {paths['html']}")
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open(paths["html"].resolve().as_uri()):
+            console.print("  [dim]no browser to open here; open the path above[/dim]")
     return 0
 
 
@@ -523,6 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="dense model cache (default <out folder>/cache/bench)")
     p.add_argument("--threads", type=int, help="torch CPU threads for the whole grid")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="rebuild a run's report.html from its report.json")
+    p.add_argument("run_dir", help="a directory written by 'secateurs run' or 'demo'")
+    p.add_argument("--open", action="store_true", help="open the page in a browser")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("methods", help="the registered methods, axis by axis, with recipe names")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -12,7 +12,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
@@ -540,6 +540,45 @@ def measure_latency(
         batch_size=int(first.shape[0]) if first is not None and first.dim() else 1,
         threads=used_threads,
     )
+
+
+def compare_latency(
+    models: Mapping[str, nn.Module],
+    example_inputs: Inputs,
+    *,
+    rounds: int = 7,
+    repeats: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+) -> dict[str, LatencyResult]:
+    """The latency of several models measured in interleaved rounds, so that a slow moment of
+    a shared machine falls on all of them alike.
+
+    Each round times every model (median of ``repeats`` runs after ``warmup``); the result per
+    model has the median over rounds and, as ``p10_ms`` / ``p90_ms``, the spread across rounds.
+    """
+    if rounds < 1:
+        raise ConfigError(f"rounds must be at least 1; got {rounds}")
+    medians: dict[str, list[float]] = {name: [] for name in models}
+    last: dict[str, LatencyResult] = {}
+    for _ in range(rounds):
+        for name, model in models.items():
+            last[name] = measure_latency(
+                model, example_inputs, warmup=warmup, repeats=repeats, threads=threads
+            )
+            medians[name].append(last[name].median_ms)
+    out = {}
+    for name, values in medians.items():
+        cuts = statistics.quantiles(values, n=10) if len(values) > 1 else [values[0]] * 9
+        out[name] = LatencyResult(
+            median_ms=statistics.median(values),
+            p10_ms=cuts[0],
+            p90_ms=cuts[-1],
+            repeats=rounds * repeats,
+            batch_size=last[name].batch_size,
+            threads=last[name].threads,
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- accuracy

@@ -33,10 +33,12 @@ from secateurs.metrics import evaluate, measure_latency, profile
 from secateurs.pipeline_lm import is_language_model, run_language_model
 from secateurs.provenance import report_of
 from secateurs.pruner import Pruner
+from secateurs.realise import realise
 from secateurs.recipe import Recipe
 from secateurs.registry import build_dataclass
 from secateurs.report import RunReport, write_report
 from secateurs.report.plots import sensitivity_curves
+from secateurs.report.run_html import write_sensitivity_page
 from secateurs.report.writer import _jsonable
 from secateurs.runs import Progress, RunResult, versions
 from secateurs.search.base import SearchResult, search_allocation
@@ -290,6 +292,25 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
     if recipe.export.compressed or recipe.export.onnx:
         exported = _export(recipe, model, meta, dense_path, (train_loader, test_loader), example)
         progress.message(", ".join(f"{k}: {v['file_bytes']:,} bytes" for k, v in exported.items()))
+    progress.message("realising the savings: the .sct file loaded back, latency measured")
+    dense_model = load_checkpoint(
+        dense_path, rebuild_model({k: v for k, v in meta.items() if k != "channel_plan"})
+    )
+    realised = realise(
+        model,
+        dense_model,
+        example,
+        test_loader,
+        lambda: rebuild_model(meta),
+        out_dir,
+        dense_file_bytes=dense_path.stat().st_size,
+        dense_accuracy=dense["accuracy"],
+        written=exported.get("compressed"),
+        shrunk=bool(meta.get("channel_plan")),
+        latency=recipe.output.latency,
+    )
+    for line in realised["why_not"]:
+        progress.message(line)
     if len(trajectory) == 1 or "accuracy" not in trajectory[-1]:
         trajectory.append(
             {
@@ -315,6 +336,7 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
             **({"lottery_tickets": tickets} if tickets else {}),
             **({"shrink": shrunk} if shrunk else {}),
             **({"allocation_search": searches} if searches else {}),
+            "realised": realised,
             "prune_events": history,
             "seconds": {
                 "dense": dense_seconds,
@@ -323,8 +345,9 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
             },
         },
     )
-    files = {"model": model_path, "dense": dense_path}
+    files = {"model": model_path, "dense": dense_path, "compressed": Path(realised["file"]["path"])}
     files.update({k: Path(v["path"]) for k, v in exported.items()})
+    report.extra["files"] = {k: str(v) for k, v in files.items()}
     if recipe.output.report:
         files.update(write_report(report, out_dir))
     return RunResult(report=report, model=model, out_dir=out_dir, files=files)
@@ -429,6 +452,7 @@ def sensitivity(
     result = {"budget": str(budget), "space": space.description, **found.to_dict()}
     (out_dir / "sensitivity.json").write_text(json.dumps(_jsonable(result), indent=2))
     sensitivity_curves(found.history, found.ratios, out_dir / "sensitivity.png")
+    write_sensitivity_page(_jsonable(result), out_dir / "sensitivity.png", out_dir)
     return result
 
 

@@ -254,7 +254,7 @@ class Pruner:
 
     The plan is a :class:`PruneConfig`, given as keywords or as ``config=``. Pruning while
     training recovers best at the **training learning rate**: with gradual pruning (Zhu &
-    Gupta) the weights must keep moving as the mask tightens; a tenth of the rate lost 3.2
+    Gupta) the weights must keep moving as the mask tightens; a tenth of the rate lost 1.3
     points on LeNet-300-100 at 99% (see the README's fine-grained benchmark). Fine-tuning
     *after* one-shot pruning is where a tenth of the rate belongs.
 

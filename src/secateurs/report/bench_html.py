@@ -21,8 +21,6 @@ field never stops the report: the plot or the table cell says "not measured".
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 import re
@@ -33,6 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from secateurs.errors import DataError
+from secateurs.report.html import escape as _e
+from secateurs.report.html import figure, page
 from secateurs.report.plots import _figure, png_bytes
 from secateurs.report.writer import _jsonable
 
@@ -708,32 +708,7 @@ def _plots(model: str, dataset: str, rows: Sequence[Mapping[str, Any]], prefix: 
 
 # --------------------------------------------------------------------------- HTML
 
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
-       max-width: 1200px; padding: 0 1em; color: #222; line-height: 1.45; }
-h1, h2, h3 { line-height: 1.2; }
-h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
-figure { margin: 1.5em 0; padding: .5em; border: 1px solid #e4e4e4; border-radius: 4px; }
-figure img { max-width: 100%; height: auto; display: block; margin: 0 auto; }
-figcaption { font-size: .9em; color: #444; margin-top: .4em; }
-table { border-collapse: collapse; font-size: .85em; margin: .5em 0 1em; }
-th, td { border: 1px solid #ddd; padding: .25em .5em; text-align: right; vertical-align: top; }
-td { white-space: nowrap; }
-th { background: #f4f4f4; }
-td.l, th.l { text-align: left; }
-.nm { color: #888; font-style: italic; }
-.n1 { color: #a60; font-size: .85em; }
-.scroll { overflow-x: auto; }
-details { margin: .5em 0; }
-summary { cursor: pointer; font-weight: 600; }
-code { background: #f4f4f4; padding: 0 .2em; }
-"""
-
 _NM = f'<span class="nm">{NOT_MEASURED}</span>'
-
-
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
 
 
 def _stat_cell(stat: Mapping[str, Any], fmt: str, scale: float = 1.0, sign: bool = False) -> str:
@@ -752,12 +727,8 @@ def _stat_cell(stat: Mapping[str, Any], fmt: str, scale: float = 1.0, sign: bool
 
 
 def _figure_html(plot: _Plot) -> str:
-    if plot.png is not None:
-        data = base64.b64encode(plot.png).decode("ascii")
-        body = f'<img src="data:image/png;base64,{data}" alt="{_e(plot.caption)}">'
-    else:
-        body = f'<p class="nm">{_e(plot.why)}: no record has the numbers for this plot.</p>'
-    return f'<figure id="{_e(plot.id)}">{body}<figcaption>{_e(plot.caption)}</figcaption></figure>'
+    why = f"{plot.why}: no record has the numbers for this plot."
+    return figure(plot.id, plot.caption, plot.png, why)
 
 
 #: Summary table columns: (header, row key, format, scale, signed).
@@ -943,11 +914,6 @@ def _html(
 ) -> str:
     seeds = sorted({str(s) for r in data["groups"] for s in r["seeds"]})
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{_e(title)}</h1>",
         f"<p>{data['runs']} run(s): {data['ok']} finished, {data['failed_runs']} failed; "
         f"seeds {_e(', '.join(seeds) or 'none')}. Every number is the mean ± the sample "
         "standard deviation over seeds (<span class='n1'>n=1</span> where only one seed "
@@ -991,8 +957,7 @@ def _html(
     if data["versions"]:
         versions = "; ".join(f"{k} {', '.join(v)}" for k, v in data["versions"].items())
         parts.append(f"<footer><p>Versions: {_e(versions)}.</p></footer>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+    return page(title, parts)
 
 
 def write_bench_report(

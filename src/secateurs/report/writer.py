@@ -44,6 +44,11 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+#: The format of ``report.json``; a newer one is refused by an older secateurs.
+FORMAT = "secateurs.run-report"
+FORMAT_VERSION = 1
+
+
 @dataclass
 class RunReport:
     """Everything measured in one run, dense next to pruned.
@@ -66,6 +71,7 @@ class RunReport:
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    format: str = f"{FORMAT}/{FORMAT_VERSION}"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (NaN and infinities become ``null``)."""
@@ -84,6 +90,15 @@ class RunReport:
             raise ConfigError(
                 f"unknown run report keys {unknown}; allowed: {sorted(known)}. Is this a "
                 "report.json written by secateurs?"
+            )
+        fmt = str(data.get("format", f"{FORMAT}/1"))
+        name, _, version = fmt.partition("/")
+        if name != FORMAT or not version.isdigit():
+            raise ConfigError(f"report.json has format {fmt!r}, not a {FORMAT} of secateurs")
+        if int(version) > FORMAT_VERSION:
+            raise ConfigError(
+                f"report.json is {fmt}, newer than this secateurs reads ({FORMAT}/"
+                f"{FORMAT_VERSION}); upgrade secateurs to read it"
             )
         missing = [k for k in ("title", "model", "dataset") if k not in data]
         if missing:
@@ -147,19 +162,26 @@ _HEADLINE: tuple[tuple[str, str, str, str, str], ...] = (
 )
 
 
-def _headline(d: Mapping[str, Any], p: Mapping[str, Any]) -> list[str]:
-    lines = ["| | dense | pruned | change |", "|---|---:|---:|---:|"]
+def headline_rows(d: Mapping[str, Any], p: Mapping[str, Any]) -> tuple[list[list[str]], list[str]]:
+    """The dense-vs-pruned rows ``[label, dense, pruned, change]`` both report pages show, and
+    the measurements that are missing."""
+    rows: list[list[str]] = []
     skipped: list[str] = []
-    if _is_num(d.get("accuracy")) or _is_num(p.get("accuracy")):
+    if _is_num(d.get("perplexity")) or _is_num(p.get("perplexity")):
+        dp: Any = d.get("perplexity")
+        pp: Any = p.get("perplexity")
+        change = f"{(pp / dp - 1) * 100:+.1f}%" if _is_num(dp) and _is_num(pp) else "-"
+        rows.append(["perplexity (held-out text)", _num(dp, ".2f"), _num(pp, ".2f"), change])
+    elif _is_num(d.get("accuracy")) or _is_num(p.get("accuracy")):
         da: Any = d.get("accuracy")
         pa: Any = p.get("accuracy")
         delta = f"{(pa - da) * 100:+.2f} pt" if _is_num(da) and _is_num(pa) else "-"
-        lines.append(f"| top-1 accuracy | {_pct(da)} | {_pct(pa)} | {delta} |")
+        rows.append(["top-1 accuracy", _pct(da), _pct(pa), delta])
     else:
         skipped.append("accuracy")
     if _is_num(d.get("top5")) and _is_num(p.get("top5")):
         delta = f"{(p['top5'] - d['top5']) * 100:+.2f} pt"
-        lines.append(f"| top-5 accuracy | {_pct(d['top5'])} | {_pct(p['top5'])} | {delta} |")
+        rows.append(["top-5 accuracy", _pct(d["top5"]), _pct(p["top5"]), delta])
     for label, dk, pk, fmt, word in _HEADLINE:
         dv = d.get(dk, d.get(pk)) if dk == "macs" else d.get(dk)
         pv = p.get(pk)
@@ -167,7 +189,46 @@ def _headline(d: Mapping[str, Any], p: Mapping[str, Any]) -> list[str]:
             if dk != "latency_batch64_ms":  # an optional extra measurement, not worth a note
                 skipped.append(label.split(" (")[0].split(",")[0])
             continue
-        lines.append(f"| {label} | {_num(dv, fmt)} | {_num(pv, fmt)} | {_ratio(dv, pv, word)} |")
+        rows.append([label, _num(dv, fmt), _num(pv, fmt), _ratio(dv, pv, word)])
+    return rows, skipped
+
+
+def realised_rows(extra: Mapping[str, Any]) -> tuple[list[list[str]], list[str]]:
+    """What the run realised (``extra["realised"]``): rows ``[what, dense, pruned, change]``
+    and one line for each saving that did not materialise, saying why."""
+    realised = extra.get("realised") or {}
+    rows: list[list[str]] = []
+    file = realised.get("file") or {}
+    if _is_num(file.get("file_bytes")):
+        rows.append([
+            f"file bytes ({file.get('name', '.sct')})",
+            _num(file.get("dense_file_bytes")),
+            _num(file.get("file_bytes")),
+            _ratio(file.get("dense_file_bytes"), file.get("file_bytes"), "smaller"),
+        ])  # fmt: skip
+        if _is_num(file.get("accuracy")) and _is_num(file.get("dense_accuracy")):
+            delta = (file["accuracy"] - file["dense_accuracy"]) * 100
+            rows.append(["top-1 accuracy, loaded from the file", _pct(file["dense_accuracy"]),
+                         _pct(file["accuracy"]), f"{delta:+.2f} pt"])  # fmt: skip
+    speed = realised.get("latency") or {}
+    if _is_num(speed.get("dense_ms")) and _is_num(speed.get("pruned_ms")):
+        spread = (
+            f" ({_num(speed.get('dense_p10_ms'), '.3f')}-{_num(speed.get('dense_p90_ms'), '.3f')})"
+        )
+        spread_p = f" ({_num(speed.get('pruned_p10_ms'), '.3f')}-{_num(speed.get('pruned_p90_ms'), '.3f')})"
+        rows.append([
+            f"latency, batch {speed.get('batch', 1)}, {speed.get('how', '')} (ms, median (p10-p90))",
+            _num(speed["dense_ms"], ".3f") + spread,
+            _num(speed["pruned_ms"], ".3f") + spread_p,
+            _ratio(speed["dense_ms"], speed["pruned_ms"], "faster"),
+        ])  # fmt: skip
+    return rows, [str(w) for w in realised.get("why_not", [])]
+
+
+def _headline(d: Mapping[str, Any], p: Mapping[str, Any]) -> list[str]:
+    rows, skipped = headline_rows(d, p)
+    lines = ["| | dense | pruned | change |", "|---|---:|---:|---:|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
     lines += [
         "",
         "Ratios are dense / pruned. Bytes in memory compare the dense tensors with the nonzeros",
@@ -225,6 +286,17 @@ def _markdown(r: RunReport, plots: Mapping[str, Path]) -> str:
     d, p = r.dense, r.pruned
     lines = [f"# {r.title}", "", f"**{r.model}** on **{r.dataset}**", "", "## Dense vs pruned", ""]
     lines += _headline(d, p)
+    saved, why_not = realised_rows(r.extra)
+    if saved or why_not:
+        lines += [
+            "",
+            "## Savings realised",
+            "",
+            "| | dense | pruned | change |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [f"| {' | '.join(row)} |" for row in saved]
+        lines += [""] + [f"- {w}" for w in why_not]
 
     lines += ["", "## Accuracy along the pruning schedule", ""]
     if "accuracy_vs_sparsity" in plots:
@@ -308,12 +380,10 @@ def _plots(r: RunReport, out: Path) -> dict[str, Path]:
     return paths
 
 
-def write_report(report: RunReport, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and the PNG plots into ``out_dir``.
-
-    Returns the written paths by name: ``json``, ``markdown`` and, when there is data for
-    them, ``accuracy_vs_sparsity``, ``layer_density`` and ``per_class_change``.
-    """
+def write_markdown(report: RunReport, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and the PNG plots into ``out_dir``; returns the
+    paths by name (``json``, ``markdown`` and the plots that had data) and the report as its
+    JSON reads back (plain numbers only)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = report.to_dict()
