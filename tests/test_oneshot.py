@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig
+from transformers import AutoModelForCausalLM, BertConfig, BertModel, GPT2Config, LlamaConfig
 
 import secateurs as sc
 from helpers import assert_untouched, snapshot
 from secateurs.allocation.owl import OWL, outlier_ratio
 from secateurs.criteria.hessian import HessianAccumulator, sparsegpt_
-from secateurs.criteria.layerwise import Wanda, as_matrix, input_rows
+from secateurs.criteria.layerwise import Wanda, as_matrix, from_matrix, input_rows, supports
 from secateurs.export import export_huggingface, export_packed_nm, load_packed_nm
 from secateurs.oneshot import (
     DepthReport,
@@ -45,6 +45,14 @@ def llama(layers: int = 3, seed: int = 0) -> nn.Module:
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def gpt2() -> nn.Module:
+    """A tiny GPT-2: its linear layers are transformers' Conv1D (weights stored [in, out])."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)  # fmt: skip
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -124,9 +132,9 @@ def manual_sequential(model: nn.Module, data: list[Tensor], criterion: Any, s: f
     path, blocks = find_blocks(model)  # type: ignore[misc]
     for i in range(len(blocks)):
         inside = [
-            t for t in find_targets(model, include=[rf"{path}\.{i}\..*"]) if isinstance(t.module, nn.Linear)
+            t for t in find_targets(model, include=[rf"{path}\.{i}\..*"]) if supports(t.module)
         ]  # fmt: skip
-        accs = {t.name: HessianAccumulator(t.shape[1]) for t in inside}
+        accs = {t.name: HessianAccumulator(as_matrix(t.raw, t.transposed).shape[1]) for t in inside}
         hooks = [
             t.module.register_forward_pre_hook(
                 lambda mod, args, acc=accs[t.name]: acc.add(input_rows(mod, args[0]))
@@ -139,16 +147,16 @@ def manual_sequential(model: nn.Module, data: list[Tensor], criterion: Any, s: f
         for h in hooks:
             h.remove()
         for t in inside:
-            w = t.raw.detach().clone()
+            w = as_matrix(t.raw.detach(), t.transposed).clone().contiguous()
             mask = criterion.prune_matrix(w, accs[t.name], s, 0, 0)
             with torch.no_grad():
                 if criterion.updates_weights:
-                    t.raw.copy_(w)
-            sc.apply_masks_(model, {t.name: mask})
+                    t.raw.copy_(from_matrix(w, t.shape, t.transposed))
+            sc.apply_masks_(model, {t.name: from_matrix(mask, t.shape, t.transposed)})
 
 
 @pytest.mark.parametrize("criterion", [sc.Wanda(), sc.SparseGPT()], ids=["wanda", "sparsegpt"])
-@pytest.mark.parametrize("make", [llama, bert], ids=["llama", "bert"])
+@pytest.mark.parametrize("make", [llama, gpt2, bert], ids=["llama", "gpt2", "bert"])
 def test_the_block_engine_equals_running_the_whole_model(criterion: Any, make: Any) -> None:
     data = windows(1)
     engine, manual = make(), make()
@@ -164,8 +172,10 @@ def test_the_block_engine_equals_running_the_whole_model(criterion: Any, make: A
         hidden = run_block(block, inputs[0].with_hidden(hidden))
     with torch.no_grad():
         states = engine(data[0], output_hidden_states=True).hidden_states
-    if hasattr(engine, "model"):  # Llama applies its final norm to the last hidden state
+    if hasattr(engine, "model"):  # Llama and GPT-2 apply their final norm to the last state
         hidden = engine.model.norm(hidden)
+    elif hasattr(engine, "transformer"):
+        hidden = engine.transformer.ln_f(hidden)
     torch.testing.assert_close(hidden, states[-1], atol=1e-5, rtol=1e-4)
 
 

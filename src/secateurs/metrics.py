@@ -31,7 +31,7 @@ from secateurs.running import (
     run_example,
     to_device,
 )
-from secateurs.targets import DEFAULT_TARGETS
+from secateurs.targets import DEFAULT_TARGETS, default_attrs
 
 #: Modules that own parameters but perform no weight multiply-accumulates (lookups and
 #: normalisations); profiled, they count 0 MACs rather than "unknown".
@@ -296,10 +296,7 @@ def _measure_macs(model: nn.Module, example_inputs: Inputs) -> dict[str, _Macs]:
 
 
 def _prunable_weights(module: nn.Module) -> tuple[str, ...]:
-    for cls, attrs in DEFAULT_TARGETS.items():
-        if isinstance(module, cls):
-            return attrs
-    return ()
+    return default_attrs(module)
 
 
 def _totals(

@@ -75,8 +75,11 @@ class Target:
 
     @property
     def transposed(self) -> bool:
-        """True when dim 0 of the tensor is the input side (ConvTranspose stores [in, out, ...])."""
-        return isinstance(self.module, nn.modules.conv._ConvTransposeNd)
+        """True when dim 0 of the tensor is the input side (ConvTranspose stores
+        ``[in, out, ...]``, Hugging Face's GPT-2 ``Conv1D`` ``[in, out]``)."""
+        return isinstance(self.module, nn.modules.conv._ConvTransposeNd) or is_hf_conv1d(
+            self.module
+        )
 
 
 def find_targets(
@@ -132,11 +135,30 @@ def find_targets(
     return targets
 
 
-def _default_attrs(module: nn.Module) -> list[str]:
+def default_attrs(module: nn.Module) -> tuple[str, ...]:
+    """The tensors of ``module`` pruned by default (:data:`DEFAULT_TARGETS`, and the
+    ``weight`` of Hugging Face's ``Conv1D``, GPT-2's linear layer with its weight transposed)."""
     for cls, attrs in DEFAULT_TARGETS.items():
         if isinstance(module, cls):
-            return [a for a in attrs if _has_tensor(module, a)]
-    return []
+            return attrs
+    return ("weight",) if is_hf_conv1d(module) else ()
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """``transformers``' ``Conv1D`` (``y = x @ W + b``, ``W`` of shape ``[in, out]``), known by
+    its name and shape so that secateurs does not import transformers."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(getattr(module, "nf", None), int)
+        and isinstance(weight, Tensor)
+        and weight.dim() == 2
+        and weight.shape[1] == module.nf
+    )
+
+
+def _default_attrs(module: nn.Module) -> list[str]:
+    return [a for a in default_attrs(module) if _has_tensor(module, a)]
 
 
 def _has_tensor(module: nn.Module, attr: str) -> bool:

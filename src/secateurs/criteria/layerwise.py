@@ -39,7 +39,7 @@ from secateurs.criteria.hessian import (
     wanda_scores,
 )
 from secateurs.errors import ConfigError, ModelError
-from secateurs.targets import Target
+from secateurs.targets import Target, is_hf_conv1d
 
 #: Key of a layer's input column norms in the statistics a criterion is given.
 COLUMN_NORMS = "column_norms"
@@ -49,10 +49,11 @@ COLUMN_NORMS = "column_norms"
 
 
 def supports(module: nn.Module) -> bool:
-    """Layers a layer-wise criterion can prune: Linear, and Conv2d with ``groups == 1``."""
+    """Layers a layer-wise criterion can prune: Linear (and GPT-2's ``Conv1D``), and Conv2d
+    with ``groups == 1``."""
     if isinstance(module, nn.Conv2d):
         return module.groups == 1
-    return isinstance(module, nn.Linear)
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
 
 
 def check_layer(target: Target) -> None:
@@ -65,19 +66,22 @@ def check_layer(target: Target) -> None:
         )
 
 
-def as_matrix(weight: Tensor) -> Tensor:
-    """``weight`` as ``[out, in]``: a Conv2d's ``[out, in, kh, kw]`` as ``[out, kh*kw*in]``."""
+def as_matrix(weight: Tensor, transposed: bool = False) -> Tensor:
+    """``weight`` as ``[out, in]``: a Conv2d's ``[out, in, kh, kw]`` as ``[out, kh*kw*in]``, a
+    ``transposed`` 2-D weight (GPT-2's ``Conv1D``, ``[in, out]``) as its transpose."""
     if weight.dim() == 4:
         return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
-    return weight
+    return weight.T if transposed else weight
 
 
-def from_matrix(matrix: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+def from_matrix(
+    matrix: Tensor, shape: torch.Size | tuple[int, ...], transposed: bool = False
+) -> Tensor:
     """The inverse of :func:`as_matrix`."""
     if len(shape) == 4:
         out, cin, kh, kw = shape
         return matrix.reshape(out, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
-    return matrix.reshape(shape)
+    return matrix.T.contiguous() if transposed else matrix.reshape(shape)
 
 
 def input_rows(module: nn.Module, x: Tensor) -> Tensor:
@@ -91,7 +95,7 @@ def input_rows(module: nn.Module, x: Tensor) -> Tensor:
 
 def matrix_columns(target: Target) -> int:
     """How many columns the layer's matrix has (the size of its input statistics)."""
-    return int(as_matrix(target.raw).shape[1])
+    return int(as_matrix(target.raw, target.transposed).shape[1])
 
 
 # --------------------------------------------------------------------------- the interface
@@ -149,8 +153,10 @@ class Wanda(LayerwiseCriterion):
         if stats is None or COLUMN_NORMS not in stats:
             raise ConfigError("criterion 'wanda' needs the input column norms: pass data=")
         check_layer(target)
-        matrix = wanda_scores(as_matrix(target.weight.detach()), stats[COLUMN_NORMS])
-        return from_matrix(matrix, target.shape)
+        matrix = wanda_scores(
+            as_matrix(target.weight.detach(), target.transposed), stats[COLUMN_NORMS]
+        )
+        return from_matrix(matrix, target.shape, target.transposed)
 
     def prune_matrix(
         self, weight: Tensor, inputs: HessianAccumulator, sparsity: float | None, n: int, m: int

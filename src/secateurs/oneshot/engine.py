@@ -253,7 +253,7 @@ def _prune(
                 f"{t.name} saw no input on the calibration data (the forward pass never "
                 "called it); exclude it or give data that reaches it"
             )
-        original = as_matrix(t.raw.detach()).float()
+        original = as_matrix(t.raw.detach(), t.transposed).float().contiguous()
         work = original.clone()
         n, m = pattern if pattern is not None else (0, 0)
         sparsity = None if pattern is not None else float(sparsities[t.name])
@@ -262,8 +262,8 @@ def _prune(
         error = reconstruction_error(original, pruned, acc.hessian())
         with torch.no_grad():
             if criterion.updates_weights:
-                t.raw.copy_(from_matrix(work, t.shape).to(t.raw.dtype))
-            set_mask(t.module, t.attr, from_matrix(mask, t.shape))
+                t.raw.copy_(from_matrix(work, t.shape, t.transposed).to(t.raw.dtype))
+            set_mask(t.module, t.attr, from_matrix(mask, t.shape, t.transposed))
         kept = int(mask.sum())
         report.layers.append(
             LayerReport(
