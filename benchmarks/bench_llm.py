@@ -87,8 +87,7 @@ def run_one(args: argparse.Namespace, method: str, setting: str) -> dict[str, An
     if method != "dense":
         options = {**METHODS[method], **plan(setting)}
         if METHODS[method].get("criterion") == "magnitude":
-            options["include"] = [DECODER]
-            options["exclude"] = [r".*embed.*", "lm_head"]
+            options["include"] = [DECODER]  # the decoder blocks' Linears, as the others prune
         t1 = time.perf_counter()
         sc.prune_(model, data=list(calib.split(args.batch)), **options)
         prune_s = time.perf_counter() - t1
@@ -162,6 +161,7 @@ def run_peer(args: argparse.Namespace, method: str, setting: str) -> dict[str, A
 
 def table(path: Path) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "error" not in r]  # a rerun replaces them
     settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     dense = next((r["perplexity"] for r in rows if r["method"] == "dense"), None)
@@ -208,7 +208,8 @@ def main() -> None:
         return
     done = set()
     if args.out.exists():
-        done = {(json.loads(x)["method"], json.loads(x)["setting"]) for x in args.out.read_text().splitlines() if x.strip()}  # fmt: skip
+        rows = [json.loads(x) for x in args.out.read_text().splitlines() if x.strip()]
+        done = {(r["method"], r["setting"]) for r in rows if "error" not in r}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     todo = [("dense", "-")] if not args.peer and "dense" in args.methods else []
     todo += [(m, s) for m in args.methods if m != "dense" for s in args.settings
