@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -65,3 +66,57 @@ def mlp_factory() -> Callable[[int], nn.Sequential]:
 @pytest.fixture
 def cnn_factory() -> Callable[[int], TinyCNN]:
     return make_cnn
+
+
+def make_convnet(seed: int = 0) -> nn.Sequential:
+    """Conv(3, 16) -> BN -> ReLU -> Conv(16, 24) -> BN -> ReLU -> pool -> Linear(24, 4): two
+    prunable convolutions for the channel searches."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 24, 3, padding=1),
+        nn.BatchNorm2d(24),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(24, 4),
+    )
+
+
+def self_labelled(
+    model: nn.Module, x: torch.Tensor, n: int = 3
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` calibration batches of 32 random inputs shaped like ``x``, labelled by ``model``
+    itself (so the dense model's accuracy on them is 1)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    with torch.no_grad():
+        model.eval()
+        for _ in range(n):
+            xb = torch.randn(32, *x.shape[1:], generator=g)
+            out.append((xb, model(xb).argmax(1)))
+    return out
+
+
+def tiny_grid(**overrides: Any) -> dict[str, Any]:
+    """A benchmark grid small enough for a test: LeNet-300-100 on a small synthetic set, one
+    seed, two methods at two sparsities, cheap evaluation; ``overrides`` replace top keys."""
+    raw: dict[str, Any] = {
+        "name": "tiny",
+        "seeds": [0],
+        "models": ["lenet-300-100"],
+        "datasets": [{"name": "synthetic", "options": {"n_train": 256, "n_test": 128}}],
+        "methods": ["global_magnitude", "random"],
+        "budgets": {"sparsity": [0.8, 0.95]},
+        "train": {"epochs": 2, "batch_size": 64},
+        "finetune": {"epochs": 1},
+        "evaluate": {
+            "latency": False,
+            "export": False,
+            "robustness": {"corruptions": ["gaussian_noise"], "severities": [1, 5], "limit": 64},
+        },
+    }
+    raw.update(overrides)
+    return raw

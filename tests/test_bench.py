@@ -14,6 +14,7 @@ import pytest
 from torch import nn
 
 import secateurs
+from conftest import tiny_grid
 from secateurs.bench import (
     METHODS,
     RECORD_KEYS,
@@ -48,27 +49,6 @@ class CrashForTests(BenchMethod):
         raise RuntimeError("boom from crash_for_tests")
 
 
-def grid_dict(**overrides: Any) -> dict[str, Any]:
-    """A tiny grid: LeNet-300-100 on a small synthetic set, one seed, cheap evaluation."""
-    raw: dict[str, Any] = {
-        "name": "tiny",
-        "seeds": [0],
-        "models": ["lenet-300-100"],
-        "datasets": [{"name": "synthetic", "options": {"n_train": 256, "n_test": 128}}],
-        "methods": ["global_magnitude", "random"],
-        "budgets": {"sparsity": [0.8, 0.95]},
-        "train": {"epochs": 2, "batch_size": 64},
-        "finetune": {"epochs": 1},
-        "evaluate": {
-            "latency": False,
-            "export": False,
-            "robustness": {"corruptions": ["gaussian_noise"], "severities": [1, 5], "limit": 64},
-        },
-    }
-    raw.update(overrides)
-    return raw
-
-
 def by_key(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {r["key"]: r for r in records}
 
@@ -78,7 +58,7 @@ def by_key(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def test_rerun_reproduces_every_accuracy_exactly(tmp_path: Path) -> None:
     grid = parse_grid(
-        grid_dict(
+        tiny_grid(
             methods=[
                 "random",
                 "global_magnitude",
@@ -131,7 +111,7 @@ def test_rerun_reproduces_every_accuracy_exactly(tmp_path: Path) -> None:
 
 
 def test_crashing_method_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> None:
-    grid = parse_grid(grid_dict(methods=["crash_for_tests", "global_magnitude"]))
+    grid = parse_grid(tiny_grid(methods=["crash_for_tests", "global_magnitude"]))
     result = run_grid(grid, tmp_path / "r.jsonl")
     records = by_key(read_records(tmp_path / "r.jsonl"))
     crashed = records["lenet-300-100|synthetic|crash_for_tests|sparsity=0.8|0"]
@@ -145,7 +125,7 @@ def test_crashing_method_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> Non
 def test_interrupted_grid_resumes_where_it_stopped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    grid = parse_grid(grid_dict(seeds=[0, 1]))
+    grid = parse_grid(tiny_grid(seeds=[0, 1]))
     out = tmp_path / "r.jsonl"
     original = bench_methods._OneShot.prune
 
@@ -209,7 +189,7 @@ def test_interrupted_grid_resumes_where_it_stopped(
 )
 def test_bad_grid_is_a_clear_error(change: dict[str, Any], words: list[str]) -> None:
     with pytest.raises(ConfigError) as info:
-        parse_grid(grid_dict(**change))
+        parse_grid(tiny_grid(**change))
     for word in words:
         assert word in str(info.value)
 
@@ -249,7 +229,7 @@ def test_results_file_of_another_version_fails_before_anything_runs(
     line = {**_record(), **record}
     out.write_text(json.dumps(line) + "\n")
     with pytest.raises(DataError) as info:
-        run_grid(parse_grid(grid_dict()), out, cache_dir=tmp_path / "cache")
+        run_grid(parse_grid(tiny_grid()), out, cache_dir=tmp_path / "cache")
     for word in words:
         assert word in str(info.value)
     assert out.read_text().count("\n") == 1 and not (tmp_path / "cache").exists()
@@ -309,7 +289,7 @@ def test_cli_bench_runs_a_grid_and_writes_the_report(
     import yaml
 
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump(grid_dict(budgets={"sparsity": [0.9]})))
+    path.write_text(yaml.safe_dump(tiny_grid(budgets={"sparsity": [0.9]})))
     seen: dict[str, Any] = {}
 
     def write_bench_report(records: list[dict[str, Any]], out_dir: Path) -> Path:
@@ -332,7 +312,7 @@ def test_cli_bench_bad_grid_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
     import yaml
 
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump(grid_dict(methods=["nonesuch"])))
+    path.write_text(yaml.safe_dump(tiny_grid(methods=["nonesuch"])))
     assert main(["bench", str(path), "--out", str(tmp_path / "r.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "unknown bench method 'nonesuch'" in err and "global_magnitude" in err

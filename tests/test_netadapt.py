@@ -12,6 +12,7 @@ from torch import nn
 
 import secateurs as sc
 import secateurs.search.netadapt  # registers "netadapt"
+from conftest import make_convnet
 from helpers import assert_untouched, snapshot
 from secateurs.data import synthetic
 from secateurs.errors import BudgetError, ConfigError
@@ -33,21 +34,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def latency_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The latency cache in a temporary directory."""
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
-
-
-def convnet(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 24, 3, padding=1),
-        nn.BatchNorm2d(24),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(24, 4),
-    )
 
 
 def weight_score(model: nn.Module) -> float:
@@ -96,7 +82,7 @@ def _search(
 
 
 def test_macs_budget_met_on_the_returned_model() -> None:
-    model = convnet()
+    model = make_convnet()
     state = snapshot(model)
     counter, lines = Counter(), []
     result = _search(model, sc.MACs(0.5), counter, lines, step=0.1)
@@ -123,7 +109,7 @@ def test_macs_budget_met_on_the_returned_model() -> None:
 
 
 def test_ratios_describe_the_returned_model_and_replay_with_shrink() -> None:
-    model = convnet()
+    model = make_convnet()
     result = _search(model, sc.MACs(0.6), Counter(), step=0.1)
     assert set(result.ratios) == {"0", "3"}  # groups named by the original producing layers
     assert result.model is not None
@@ -137,7 +123,7 @@ def test_ratios_describe_the_returned_model_and_replay_with_shrink() -> None:
 
 
 def test_latency_budget_met_with_the_cached_table(tmp_path: Path) -> None:
-    model = convnet()
+    model = make_convnet()
     state = snapshot(model)
     counter = Counter()
     result = _search(model, sc.Latency(0.7), counter, x=X_LATENCY, step=0.1, decay=0.9)
@@ -160,7 +146,7 @@ def test_finetune_really_trains_the_candidates() -> None:
     """With SGD on synthetic data (a few steps) the pruned copies train; the original not."""
     data = synthetic(n_train=64, n_test=32, num_classes=4, shape=(3, 8, 8), seed=0)
     xs, ys = data.train.tensors
-    model = convnet()
+    model = make_convnet()
     state = snapshot(model)
     seen: list[int] = []
 
@@ -193,7 +179,7 @@ def test_finetune_really_trains_the_candidates() -> None:
 
 def test_already_within_budget_only_long_finetune() -> None:
     counter = Counter()
-    result = _search(convnet(), sc.MACs(1.0), counter)
+    result = _search(make_convnet(), sc.MACs(1.0), counter)
     assert result.history["iterations"] == []
     assert all(r == 0 for r in result.ratios.values())
     assert [s for _, s in counter.calls] == [11]
@@ -201,19 +187,21 @@ def test_already_within_budget_only_long_finetune() -> None:
 
 def test_finetune_missing_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="finetune="):
-        sc.search_allocation(convnet(), X, sc.MACs(0.5), method="netadapt", evaluate=weight_score)
+        sc.search_allocation(
+            make_convnet(), X, sc.MACs(0.5), method="netadapt", evaluate=weight_score
+        )
 
 
 def test_budget_errors() -> None:
     counter = Counter()
     # one iteration cannot reach half the MACs with a 5% step
     with pytest.raises(BudgetError, match="in 1 iterations"):
-        _search(convnet(), sc.MACs(0.5), counter, step=0.05, max_iterations=1)
+        _search(make_convnet(), sc.MACs(0.5), counter, step=0.05, max_iterations=1)
     # with half of each layer at most, one layer alone keeps >= 50% of the MACs and both
     # together about 28%: a step straight to 30% has no single-layer candidate
     with pytest.raises(BudgetError, match="no single layer") as err:
         sc.search_allocation(
-            convnet(),
+            make_convnet(),
             X,
             sc.MACs(0.3),
             method=NetAdapt(step=1.0),
@@ -243,11 +231,11 @@ def test_options_are_validated(options: dict[str, object], word: str) -> None:
 
 def test_element_space_and_data_criteria_are_refused() -> None:
     ctx = SearchContext(weight_score, Counter())
-    space = ElementSpace(convnet())
+    space = ElementSpace(make_convnet())
     with pytest.raises(ConfigError, match="space='channels'"):
         NetAdapt().search(space, sc.Params(0.5), ctx)
     taylor = ChannelSpace(
-        convnet(),
+        make_convnet(),
         X,
         criterion="taylor",
         data=[(X, torch.tensor([0]))],
@@ -256,13 +244,15 @@ def test_element_space_and_data_criteria_are_refused() -> None:
     with pytest.raises(ConfigError, match="needs data"):
         NetAdapt().search(taylor, sc.MACs(0.5), ctx)
     with pytest.raises(ConfigError, match="finetune="):
-        NetAdapt().search(ChannelSpace(convnet(), X), sc.MACs(0.5), SearchContext(weight_score))
+        NetAdapt().search(
+            ChannelSpace(make_convnet(), X), sc.MACs(0.5), SearchContext(weight_score)
+        )
 
 
 def test_max_ratio_and_excluded_layers_hold_across_iterations() -> None:
     """The cap is on the original width (not a fraction of what is left each iteration), and
     an excluded layer (given as a module of the original) keeps its channels."""
-    model = convnet()
+    model = make_convnet()
     result = sc.search_allocation(
         model,
         X,

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import secateurs as sc
-from conftest import make_cnn, make_mlp
+from conftest import make_cnn, make_mlp, self_labelled
 from helpers import snapshot
 from secateurs.errors import BudgetError, ConfigError, DataError, ModelError
 from secateurs.metrics import profile
@@ -31,20 +31,6 @@ from secateurs.search.space import ChannelSpace, ElementSpace
 
 X_CNN = torch.randn(2, 3, 4, 4)
 X_MLP = torch.randn(4, 16)
-
-
-def _batches(
-    model: nn.Module, x: torch.Tensor, n: int = 3
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Calibration batches labelled by the dense model itself (its accuracy is 1)."""
-    g = torch.Generator().manual_seed(0)
-    out = []
-    with torch.no_grad():
-        model.eval()
-        for _ in range(n):
-            xb = torch.randn(32, *x.shape[1:], generator=g)
-            out.append((xb, model(xb).argmax(1)))
-    return out
 
 
 def _same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
@@ -157,7 +143,7 @@ def test_flat_curves_share_the_budget_instead_of_overshooting() -> None:
 )
 def test_sensitivity_meets_the_budget(space_kind: str, budget: sc.Budget) -> None:
     model = make_cnn()
-    data = _batches(model, X_CNN)
+    data = self_labelled(model, X_CNN)
     before = snapshot(model)
     result = sc.search_allocation(model, X_CNN, budget, "sensitivity", space=space_kind, data=data)
     assert _same_state(model, before)
@@ -189,7 +175,7 @@ def test_sensitivity_spares_the_sensitive_layer() -> None:
 
 def test_scan_is_made_of_self_contained_tasks_and_workers_agree() -> None:
     model = make_cnn()
-    data = _batches(model, X_CNN)
+    data = self_labelled(model, X_CNN)
     one = sc.search_allocation(
         model, X_CNN, sc.MACs(0.6), {"name": "sensitivity", "workers": 1}, data=data
     )
@@ -208,7 +194,7 @@ def test_scan_is_made_of_self_contained_tasks_and_workers_agree() -> None:
 
 def test_a_larger_budget_never_prunes_a_layer_more() -> None:
     model = make_cnn()
-    data = _batches(model, X_CNN)
+    data = self_labelled(model, X_CNN)
     tight = sc.search_allocation(model, X_CNN, sc.MACs(0.7), data=data)
     loose = sc.search_allocation(model, X_CNN, sc.MACs(0.9), data=data)
     assert all(loose.ratios[n] <= tight.ratios[n] + 1e-12 for n in tight.ratios)
@@ -216,7 +202,7 @@ def test_a_larger_budget_never_prunes_a_layer_more() -> None:
 
 def test_ratio_map_feeds_shrink_and_layer_map() -> None:
     model = make_cnn().eval()
-    data = _batches(model, X_CNN)
+    data = self_labelled(model, X_CNN)
     found = sc.search_allocation(model, X_CNN, sc.MACs(0.5), data=data)
     small = sc.shrink(model, X_CNN, sc.MACs(0.5), allocation=found.ratios)
     assert profile(small, X_CNN).totals["macs"] == found.value
@@ -233,10 +219,10 @@ def test_ratio_map_feeds_shrink_and_layer_map() -> None:
 def test_unreachable_budget_names_the_smallest_reachable_value() -> None:
     model = make_cnn()
     with pytest.raises(BudgetError, match="smallest reachable value"):
-        sc.search_allocation(model, X_CNN, sc.MACs(100), data=_batches(model, X_CNN))
+        sc.search_allocation(model, X_CNN, sc.MACs(100), data=self_labelled(model, X_CNN))
     grid = {"name": "sensitivity", "ratios": [0.1, 0.2]}
     with pytest.raises(BudgetError, match="smallest reachable value on this grid"):
-        sc.search_allocation(model, X_CNN, sc.MACs(0.65), grid, data=_batches(model, X_CNN))
+        sc.search_allocation(model, X_CNN, sc.MACs(0.65), grid, data=self_labelled(model, X_CNN))
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from secateurs.distributed import all_reduce_sum_
 from secateurs.errors import ConfigError, DataError
 from secateurs.running import EvalMode, call, device_of, split_batch, to_device
 from secateurs.targets import Target
@@ -46,7 +47,10 @@ def calibrate(
 ) -> dict[str, dict[str, Tensor]]:
     """Run up to ``calibration_batches`` batches of ``(inputs, labels)`` and accumulate statistics.
 
-    Returns ``{target name: {statistic: tensor}}`` for :meth:`Criterion.scores`.
+    Returns ``{target name: {statistic: tensor}}`` for :meth:`Criterion.scores`. Under
+    ``torchrun`` each rank reads its own ``data`` and the statistics are summed over the ranks
+    (every statistic a criterion accumulates is a sum: of scores, of squared gradients, of
+    batches), so every rank scores from the same numbers and chooses the same masks.
     """
     if loss_fn is None:
         raise ConfigError(
@@ -61,6 +65,7 @@ def calibrate(
                 target,
                 torch.zeros_like(target.raw) if grad is None else grad,
             )
+    all_reduce_sum_(stats[t.name][key] for t in targets for key in sorted(stats[t.name]))
     return stats
 
 
@@ -76,7 +81,8 @@ def dense_gradients(
 
     Masked weights are ``raw * mask``; the gradient of ``raw`` is zero where the mask is. With
     parametrizations cached for the pass, the effective tensor is one node of the graph and
-    its gradient is the dense one. Nothing of the model's state is changed.
+    its gradient is the dense one. Nothing of the model's state is changed. Under ``torchrun``
+    the sums are over every rank's batches (each rank reads its own ``data``).
     """
     if loss_fn is None:
         raise ConfigError("dense gradients need loss_fn=<callable(output, labels)>")
@@ -90,6 +96,7 @@ def dense_gradients(
             for target, grad in zip(targets, grads, strict=True):
                 g = torch.zeros_like(target.raw) if grad is None else grad.detach()
                 out[target.name] = out[target.name] + g if target.name in out else g.clone()
+    all_reduce_sum_(out[t.name] for t in targets)
     return out
 
 
@@ -100,15 +107,18 @@ def _batch_gradients(
     loss_fn: LossFn,
     calibration_batches: int,
 ) -> Iterator[tuple[Tensor | None, ...]]:
-    """Per batch, the gradients of the loss with respect to ``wrt()``, in eval mode."""
+    """Per batch, the gradients of the loss with respect to ``wrt()``, in eval mode (batches
+    are moved to the model's device)."""
     if calibration_batches < 1:
         raise ConfigError(f"calibration batches must be >= 1; got {calibration_batches}")
     seen = 0
+    device = device_of(model)
     with EvalMode(model):
         for batch in data:
             if seen >= calibration_batches:
                 break
             inputs, labels = split_batch(batch)
+            inputs, labels = to_device(inputs, device), to_device(labels, device)
             with torch.enable_grad():
                 tensors = wrt()
                 loss = loss_fn(model(inputs), labels)

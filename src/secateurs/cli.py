@@ -8,6 +8,7 @@ callbacks. Every user error exits with status 2 and one line saying what was wro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,6 +25,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from secateurs.errors import SecateursError
+
+#: Where a ``torchrun`` worker started by ``--nproc`` writes its error for the launcher.
+ERROR_FILE_ENV = "SECATEURS_ERROR_FILE"
 
 #: Piped or redirected output (CI logs, ``> file``) gets wide lines rather than rich's
 #: 80-column default, so result tables keep every column; ``COLUMNS`` still overrides.
@@ -96,7 +100,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def _progress() -> Iterator[Any]:
+def _progress(out: Console | None = None) -> Iterator[Any]:
     from secateurs.runs import Progress as Callbacks
 
     bar = Progress(
@@ -104,7 +108,7 @@ def _progress() -> Iterator[Any]:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=console,
+        console=out or console,
         transient=False,
     )
     state: dict[str, Any] = {"task": None}
@@ -138,14 +142,17 @@ def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return raw
 
 
-def _parse_recipe(text: str, source: str, args: argparse.Namespace) -> Any:
-    """The recipe in ``text`` with the command line's ``--set`` and ``--out`` applied."""
+def _parse_recipe(
+    text: str, source: str, args: argparse.Namespace, extra_sets: Sequence[str] = ()
+) -> Any:
+    """The recipe in ``text`` with the command line's ``--set`` (then ``extra_sets``) and
+    ``--out`` applied."""
     from secateurs import recipe
 
     raw = yaml.safe_load(text)
     if not isinstance(raw, dict):
         raise SecateursError(f"{source} must be a YAML mapping")
-    raw = _apply_overrides(raw, args.set or [])
+    raw = _apply_overrides(raw, [*(args.set or []), *extra_sets])
     if args.out:
         raw.setdefault("output", {})["dir"] = args.out
     return recipe.parse(raw, source=source)
@@ -158,17 +165,99 @@ def _recipe_file(path_text: str) -> tuple[str, str]:
     return path.read_text(), f"recipe file {str(path)!r}"
 
 
-def _run_recipe_text(text: str, source: str, args: argparse.Namespace) -> int:
-    from secateurs import pipeline
+def _run_recipe_text(
+    text: str, source: str, args: argparse.Namespace, extra_sets: Sequence[str] = ()
+) -> int:
+    """Run a recipe: here, as one rank of a ``torchrun`` group, or (``--nproc N``) by starting
+    ``torchrun`` with N processes. Under ``torchrun`` only rank 0 prints."""
+    from secateurs import distributed, pipeline
 
-    parsed = _parse_recipe(text, source, args)
-    console.print(f"[bold]secateurs[/bold] running {parsed.name!r} -> {parsed.out_dir()}")
-    with _progress() as callbacks:
-        result = pipeline.run(parsed, callbacks)
-    _print_headline(result.report.to_dict())
-    for name, path in result.files.items():
-        console.print(f"  {name}: {path}")
+    if args.nproc is not None:
+        return _launch(text, source, args, extra_sets)
+    parsed = _parse_recipe(text, source, args, extra_sets)
+    joined = distributed.under_torchrun()
+    if args.backend is not None and not joined:
+        raise SecateursError(
+            f"--backend {args.backend} chooses the process group of --nproc N or torchrun; "
+            "this run is one process (add --nproc N)"
+        )
+    if joined:
+        distributed.init(args.backend or distributed.default_backend())
+    try:
+        main = distributed.rank() == 0
+        out = console if main else Console(quiet=True)
+        processes = distributed.world_size()
+        if processes > 1:
+            pipeline.check_parallel(parsed, processes)
+        out.print(
+            f"[bold]secateurs[/bold] running {parsed.name!r} -> {parsed.out_dir()}"
+            + (f" on {processes} processes" if processes > 1 else "")
+        )
+        with _progress(out) as callbacks:
+            result = pipeline.run(parsed, callbacks)
+        if main:
+            _print_headline(result.report.to_dict())
+            for name, path in result.files.items():
+                console.print(f"  {name}: {path}")
+    finally:
+        if joined:
+            distributed.close()
     return 0
+
+
+def _worker_argv(args: argparse.Namespace, backend: str) -> list[str]:
+    """The command line of each ``torchrun`` worker: this one without ``--nproc``."""
+    argv = [args.command, *([args.recipe] if args.command == "run" else [])]
+    if getattr(args, "quick", False):
+        argv.append("--quick")
+    if args.out:
+        argv += ["--out", args.out]
+    for item in args.set or []:
+        argv += ["--set", item]
+    return [*argv, "--backend", backend]
+
+
+def _launch(text: str, source: str, args: argparse.Namespace, extra_sets: Sequence[str]) -> int:
+    """``--nproc N``: check everything that can be checked here (nothing is written when it
+    fails), then run ``python -m torch.distributed.run --nproc-per-node N -m secateurs ...``.
+
+    The workers' error output is kept aside: when a worker fails with a secateurs error, that
+    error alone is reported (one line, exit 2), not torchrun's account of the failure.
+    """
+    import subprocess
+    import tempfile
+
+    from secateurs import distributed, pipeline
+
+    n = args.nproc
+    if distributed.under_torchrun():
+        raise SecateursError("--nproc starts torchrun; a worker of torchrun must not pass it")
+    if n < 1:
+        raise SecateursError(f"--nproc = {n} is invalid; must be an integer >= 1 (processes)")
+    backend = args.backend or distributed.default_backend()
+    distributed.check_backend(backend, n)
+    pipeline.check_parallel(_parse_recipe(text, source, args, extra_sets), n)
+    argv = _worker_argv(args, backend)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", str(n), "-m", "secateurs", *argv]
+    console.print(
+        f"[bold]secateurs[/bold] torchrun --nproc-per-node {n} -m secateurs {' '.join(argv)}",
+        highlight=False,
+    )
+    env = dict(os.environ)
+    # one process per share of the cores (torchrun would give each a single thread)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    with tempfile.TemporaryDirectory() as tmp:
+        error_file = Path(tmp) / "error"
+        env[ERROR_FILE_ENV] = str(error_file)
+        with (Path(tmp) / "stderr").open("w+") as log:
+            code = subprocess.run(command, env=env, stderr=log, check=False).returncode
+            log.seek(0)
+            captured = log.read()
+        if code and error_file.is_file():
+            raise SecateursError(error_file.read_text().strip())
+    sys.stderr.write(captured)
+    return code
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -237,10 +326,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run_recipe_text(*_recipe_file(args.recipe), args)
 
 
+def _backend_spec(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--backend`` and ``--address`` as a backend spec (None: the command's default)."""
+    if args.backend is None and args.address is None:
+        return None
+    spec: dict[str, Any] = {"name": args.backend or "local"}
+    if args.address is not None:
+        spec["address"] = args.address
+    return spec
+
+
+def _scan_on(parsed: Any, backend: dict[str, Any]) -> Any:
+    """The recipe with its scanned section's sensitivity options running on ``backend``.
+
+    ``pipeline.sensitivity`` scans the ``shrink`` section when it has a budget, else the
+    ``prune`` section, with that section's allocation options when it is ``sensitivity``;
+    the backend joins those options (the section is rebuilt, so it is validated again).
+    """
+    from secateurs.backends import backend_of
+
+    backend_of(backend)  # a bad name or option fails here, before the dense model trains
+    name = "shrink" if parsed.shrink.budget is not None else "prune"
+    section = getattr(parsed, name)
+    spec = section.allocation
+    sensitivity = isinstance(spec, dict) and spec.get("name") == "sensitivity"
+    options = {**(spec if sensitivity else {}), "name": "sensitivity", "backend": backend}
+    return dataclasses.replace(parsed, **{name: dataclasses.replace(section, allocation=options)})
+
+
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from secateurs import pipeline
 
     parsed = _parse_recipe(*_recipe_file(args.recipe), args)
+    backend = _backend_spec(args)
+    if backend is not None:
+        parsed = _scan_on(parsed, backend)
     console.print(f"[bold]secateurs[/bold] sensitivity of {parsed.name!r} -> {parsed.out_dir()}")
     with _progress() as callbacks:
         result = pipeline.sensitivity(parsed, callbacks, workers=args.workers)
@@ -271,18 +391,19 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+#: What ``secateurs demo --quick`` sets in the demo recipe.
+QUICK_DEMO = (
+    "data.limit_train=6000",
+    "data.limit_test=2000",
+    "train.epochs=2",
+    "finetune.epochs=2",
+    "prune.schedule={name: gradual, start: 0, end: 1, every: 0.25}",
+)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     text = resources.files("secateurs").joinpath("recipes/demo.yaml").read_text()
-    if args.quick:
-        args.set = [
-            *(args.set or []),
-            "data.limit_train=6000",
-            "data.limit_test=2000",
-            "train.epochs=2",
-            "finetune.epochs=2",
-            "prune.schedule={name: gradual, start: 0, end: 1, every: 0.25}",
-        ]
-    return _run_recipe_text(text, "the demo recipe", args)
+    return _run_recipe_text(text, "the demo recipe", args, QUICK_DEMO if args.quick else ())
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -390,9 +511,22 @@ def _bench_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from secateurs.bench import aggregate, load_grid, read_records, run_grid
+    from secateurs.backends import backend_of
+    from secateurs.bench import load_grid
 
     grid = load_grid(args.grid)
+    backend = None
+    if args.backend is not None or args.address is not None or args.workers is not None:
+        threads = args.threads if args.threads is not None else grid.threads
+        backend = backend_of(_backend_spec(args), args.workers, threads)
+    with backend.session() if backend else contextlib.nullcontext():  # fails before any output
+        return _bench(args, grid, backend)
+
+
+def _bench(args: argparse.Namespace, grid: Any, backend: Any) -> int:
+    """``secateurs bench`` once the grid is loaded and the backend is up."""
+    from secateurs.bench import aggregate, read_records, run_grid
+
     out = Path(args.out) if args.out else Path("runs") / "bench" / f"{grid.name}.jsonl"
     n_points = len(grid.all_points())
     console.print(
@@ -402,6 +536,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
 
     def on_record(record: dict[str, Any]) -> None:
+        finished[0] += 1
+        callbacks.advance(finished[0], finished[1])
         if record["status"] == "ok":
             console.print(
                 f"  [green]ok[/green] {record['key']}: top-1 {record['accuracy']:.2%}, "
@@ -419,14 +555,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not text.startswith("  "):
             console.print(f"[bold]{text}[/bold]", highlight=False)
 
-    result = run_grid(
-        grid,
-        out,
-        cache_dir=args.cache_dir,
-        threads=args.threads,
-        on_record=on_record,
-        on_message=on_message,
-    )
+    def on_start(total: int) -> None:
+        finished[1] = total
+        callbacks.phase(f"{grid.name} on {type(backend).__name__ if backend else 'local'}", total)
+
+    finished = [0, 0]  # runs finished, runs to do (every worker's)
+    with _progress() as callbacks:
+        result = run_grid(
+            grid,
+            out,
+            cache_dir=args.cache_dir,
+            threads=args.threads,
+            backend=backend,
+            on_start=on_start,
+            on_record=on_record,
+            on_message=on_message,
+        )
     if result.skipped:
         console.print(f"  skipped {len(result.skipped)} run(s) already in {out}")
     records = read_records(out)
@@ -439,6 +583,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         written = write_bench_report(records, Path(args.report))
         console.print(f"  report: {written or args.report}")
     return 0
+
+
+def _parallel_options(p: argparse.ArgumentParser) -> None:
+    """``--nproc`` and ``--backend``: data-parallel runs (``torchrun``) of a recipe."""
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train, prune and fine-tune on N data-parallel processes (starts torchrun); "
+        "data.batch_size is the global batch, split among them",
+    )
+    p.add_argument(
+        "--backend",
+        metavar="NAME",
+        help="process group with --nproc or under torchrun: gloo (CPUs) or nccl (one GPU per "
+        "process); default nccl when this machine has a GPU, else gloo",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -454,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a small subset and few epochs (~30 s)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
+    _parallel_options(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="run a YAML recipe end to end")
@@ -465,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a recipe key, e.g. prune.sparsity=0.9",
     )
+    _parallel_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -473,7 +636,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("recipe", help="path to the recipe; its shrink or prune budget is used")
     p.add_argument("--out", help="output directory (overrides output.dir)")
-    p.add_argument("--workers", type=int, help="worker processes for the scan (default 1)")
+    p.add_argument("--workers", type=int, help="evaluations at once (default 1)")
+    p.add_argument(
+        "--backend",
+        help="where the evaluations run: local, fork or ray (default: local for one worker, "
+        "fork for more)",
+    )
+    p.add_argument(
+        "--address", help="with --backend ray: a running Ray cluster (default: start one here)"
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_sensitivity)
@@ -501,6 +672,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="DIR", help="also write the HTML report to DIR")
     p.add_argument("--cache-dir", help="dense model cache (default <out folder>/cache/bench)")
     p.add_argument("--threads", type=int, help="torch CPU threads for the whole grid")
+    p.add_argument(
+        "--backend", help="where the runs go: local (default, one after another), fork or ray"
+    )
+    p.add_argument(
+        "--address", help="with --backend ray: a running Ray cluster (default: start one here)"
+    )
+    p.add_argument(
+        "--workers", type=int, help="with fork or ray: the most runs at once (default: every CPU)"
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="rebuild a run's report.html from its report.json")
@@ -519,10 +699,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except SecateursError as exc:
-        Console(file=sys.stderr).print(
-            f"[bold red]secateurs: error:[/bold red] {exc}", highlight=False, soft_wrap=True
-        )
+        _note_error(str(exc))
+        if int(os.environ.get("RANK", "0")) == 0:  # a torchrun worker other than rank 0 is quiet
+            Console(file=sys.stderr).print(
+                f"[bold red]secateurs: error:[/bold red] {exc}", highlight=False, soft_wrap=True
+            )
         return 2
+
+
+def _note_error(message: str) -> None:
+    """In a worker started by ``--nproc``, leave the first error for the launcher to report."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        with contextlib.suppress(FileExistsError), open(path, "x") as f:
+            f.write(message)
 
 
 if __name__ == "__main__":

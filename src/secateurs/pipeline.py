@@ -3,6 +3,13 @@ fine-tuning, measurement of both models, export and report.
 
 The library never prints: progress goes through :class:`Progress` callbacks, which the CLI turns
 into progress bars.
+
+Under ``torchrun`` (``secateurs run RECIPE --nproc N``) every rank runs :func:`run`: each trains
+on its share of every batch under ``DistributedDataParallel`` and calibrates on its share of the
+calibration batches, the pruner sums the statistics over the ranks, and every rank ends with
+the same model; rank 0 alone measures, writes the files and the report (the others return
+early, with the plan and the prune events in their report). :func:`check_parallel` says what a
+recipe needs to run that way.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import copy
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,14 @@ from secateurs.allocation import Allocation
 from secateurs.budgets import BUDGETS, Budget
 from secateurs.compress import load_compressed, save_compressed, share_weights_
 from secateurs.data import DataBundle, load_dataset
+from secateurs.distributed import (
+    device,
+    is_distributed,
+    rank,
+    sharded_loader,
+    share,
+    world_size,
+)
 from secateurs.errors import ConfigError, ModelError
 from secateurs.export import export_onnx, untied_state
 from secateurs.graph.surgery import ChannelPlan, apply_plan_
@@ -139,19 +154,92 @@ def _measure(
     return out, stats["layers"]
 
 
+def check_parallel(recipe: Recipe, processes: int, bundle: DataBundle | None = None) -> None:
+    """Raise :class:`ConfigError` unless ``recipe`` can run on ``processes`` data-parallel
+    processes; nothing is trained or written. ``bundle`` is the recipe's data, loaded when
+    not given (the sizes are checked).
+
+    ``data.batch_size`` is the global batch: each rank takes ``batch_size / processes``
+    examples of every batch, so the ranks together take the batches one process takes, and the
+    recipe means the same on any number of processes. Hence the batch size must be a multiple
+    of the processes, every rank needs at least one training example, and a plan that reads
+    calibration data (``taylor``, ``obd``, ``rigl``, the layer-wise criteria) needs at least one
+    calibration batch per rank at each pruning event. Language-model recipes (one-shot from
+    calibration text), allocation searches and latency budgets (timed on each machine, so the
+    ranks would disagree) run in one process.
+    """
+    n = processes
+    if is_language_model(recipe):
+        raise ConfigError(
+            "language-model recipes prune one-shot from calibration text in one process; "
+            "run them without --nproc / torchrun"
+        )
+    if recipe.prune.searching or recipe.shrink.searching:
+        raise ConfigError(
+            "an allocation search runs in one process: find the ratios with 'secateurs "
+            "sensitivity' or a one-process run, then give them as a layer_map"
+        )
+    if recipe.shrink.budget is not None and BUDGETS.build(recipe.shrink.budget).registry_name == (
+        "latency"
+    ):
+        raise ConfigError(
+            "shrink.budget latency is timed on each machine, so the processes would remove "
+            "different channels; use macs or params with --nproc / torchrun"
+        )
+    batch = recipe.data.batch_size
+    if batch % n:
+        fits = [k for k in (batch - batch % n, batch - batch % n + n) if k > 0]
+        raise ConfigError(
+            f"data.batch_size = {batch} does not split among {n} processes (each takes "
+            f"batch_size / {n} examples of every batch); use a multiple of {n}, e.g. "
+            f"{' or '.join(map(str, fits))}, or another number of processes"
+        )
+    bundle = bundle if bundle is not None else _load_data(recipe)
+    n_train = len(bundle.train)
+    if n_train < n:
+        raise ConfigError(
+            f"{n} processes but only {n_train} training examples: each process needs at "
+            "least one; use fewer processes"
+        )
+    plan = recipe.prune.config(-(-n_train // batch), recipe.seed)
+    assert plan.schedule_ is not None
+    if plan.criterion_.needs_data or plan.schedule_.needs_data:
+        examples = min(recipe.data.calibration_examples, n_train)
+        per_event = min(plan.calibration_batches, -(-examples // batch))
+        if per_event < n:
+            raise ConfigError(
+                f"{n} processes but the plan reads {per_event} calibration batch(es) per pruning "
+                f"event ({examples} examples in batches of {batch}, prune.calibration_batches = "
+                f"{plan.calibration_batches}): each process needs at least one; use at most "
+                f"{per_event} processes or raise data.calibration_examples"
+            )
+
+
 def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
     """Execute ``recipe``; returns the report, the pruned model and where files went.
 
     A recipe whose model is a language model runs :func:`~secateurs.pipeline_lm.
-    run_language_model` (one-shot pruning from calibration text, perplexity)."""
+    run_language_model` (one-shot pruning from calibration text, perplexity). Under
+    ``torchrun`` every rank calls it (see the module's documentation); the recipe is checked
+    by :func:`check_parallel` first."""
+    parallel = is_distributed()
+    if parallel:
+        check_parallel(recipe, world_size())
     if is_language_model(recipe):
         return run_language_model(recipe, progress)
     progress = progress or Progress()
     t_start = time.perf_counter()
     torch.manual_seed(recipe.seed)
     out_dir = recipe.out_dir()
+    main = rank() == 0
 
     bundle, model, (train_loader, test_loader), example, calib = _prepare(recipe)
+    # the pruner's calibration data: this rank's share of the batches one process would read
+    prune_data: Iterable[Any] = calib
+    if parallel:
+        train_loader = sharded_loader(bundle.train, recipe.data.batch_size, seed=recipe.seed)
+        prune_data = share(calib, recipe.prune.calibration_batches)
+        model.to(device())
     steps_per_epoch = len(train_loader)
 
     # Build the pruner first so a bad plan fails before any training.
@@ -167,7 +255,7 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
         config = p.config(steps_per_epoch, recipe.seed, allocation)
         if not masking:
             config = dataclasses.replace(config, sparsity=0.0)
-        return Pruner(model, config=config, data=calib, loss_fn=nn.functional.cross_entropy)
+        return Pruner(model, config=config, data=prune_data, loss_fn=nn.functional.cross_entropy)
 
     # with shrinking, the pruner is rebuilt on the smaller model; this one checks the plan
     pruner = make_pruner(copy.deepcopy(model) if structural else model)
@@ -180,7 +268,8 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
             "'finetune.epochs' or end the schedule earlier"
         )
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     train_cfg = recipe.train
     meta = {
         "model": recipe.model.name,
@@ -196,18 +285,21 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
     _dense(recipe, model, train_loader, progress)
     dense_seconds = time.perf_counter() - t_dense
     dense_path = out_dir / DENSE_FILE
-    save_checkpoint(model, dense_path, {**meta, "pruned": False})
-    dense, _ = _measure(
-        model, test_loader, example, recipe.output.latency, dense_path.stat().st_size
-    )
-    progress.message(f"dense accuracy {dense['accuracy']:.2%}")
+    dense: dict[str, Any] = {}
+    if main:  # measured on the CPU (a copy, when the model trains on a GPU)
+        host = model if device().type == "cpu" else copy.deepcopy(model).cpu()
+        save_checkpoint(host, dense_path, {**meta, "pruned": False})
+        dense, _ = _measure(
+            host, test_loader, example, recipe.output.latency, dense_path.stat().st_size
+        )
+        progress.message(f"dense accuracy {dense['accuracy']:.2%}")
 
     trajectory: list[dict[str, Any]] = [
         {
             "epoch": 0,
             "step": 0,
             "sparsity": pruner.measured_sparsity(),
-            "accuracy": dense["accuracy"],
+            "accuracy": dense.get("accuracy"),
         }
     ]
     # the dense model teaches the pruned one when the recipe distills
@@ -217,7 +309,9 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
     shrunk: dict[str, Any] = {}
     searches: dict[str, Any] = {}
     if structural:
-        model, shrunk = _shrink(recipe, model, example, calib, train_loader, ft_cfg, progress)
+        model, shrunk = _shrink(
+            recipe, model, example.to(device()), calib, train_loader, ft_cfg, progress
+        )
         meta["channel_plan"] = shrunk.pop("plan")
         if "search" in shrunk:
             searches["shrink"] = shrunk.pop("search")
@@ -238,7 +332,7 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
             "sparsity": pruner.measured_sparsity(),
             "train_loss": loss,
         }
-        if recipe.output.eval_every_epoch:
+        if recipe.output.eval_every_epoch and main:
             point["accuracy"] = evaluate(model, test_loader).accuracy
         trajectory.append(point)
         progress.message(
@@ -249,7 +343,7 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
     tickets: list[str] = []
 
     def on_step(_: int) -> None:
-        if pruner.step() and pruner.history[-1].kind == "rewind":
+        if pruner.step() and pruner.history[-1].kind == "rewind" and main:
             # a lottery round ended: keep its ticket (the masks) as a checkpoint
             path = out_dir / f"ticket_round{len(tickets) + 1}.safetensors"
             save_file({k: v.contiguous().cpu() for k, v in collect_masks(model).items()}, str(path))
@@ -266,7 +360,7 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
         with contextlib.ExitStack() as stack:
             if teacher is not None:
                 kd = build_dataclass(Distillation, recipe.finetune.distill or {}, "distillation")
-                stack.enter_context(kd.bind(teacher, model, example[:2]))
+                stack.enter_context(kd.bind(teacher, model, example[:2].to(device())))
                 terms.append(kd)
             train(
                 model,
@@ -282,7 +376,28 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
     plan = pruner.plan()
     history = [e.__dict__ for e in pruner.history]
     make_permanent_(model)
+    centroids = recipe.export.compressed and recipe.export.centroid_epochs > 0
+    if not main:  # every rank shares the training, the centroids' fine-tuning included
+        if centroids:
+            _tune_centroids(recipe, model, train_loader)
+            make_permanent_(model)
+        model.cpu()
+        return RunResult(
+            report=RunReport(
+                title=recipe.name,
+                model=recipe.model.name,
+                dataset=bundle.name,
+                config={"recipe": recipe.to_dict(), "plan": plan},
+                versions=versions(),
+                trajectory=trajectory,
+                class_names=list(bundle.class_names),
+                extra={"rank": rank(), "prune_events": history},
+            ),
+            model=model,
+            out_dir=out_dir,
+        )
 
+    model.cpu()  # measured and written from the CPU
     model_path = out_dir / MODEL_FILE
     save_checkpoint(model, model_path, {**meta, "pruned": True, "plan": plan})
     pruned, layers = _measure(
@@ -290,7 +405,10 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
     )
     exported: dict[str, Any] = {}
     if recipe.export.compressed or recipe.export.onnx:
-        exported = _export(recipe, model, meta, dense_path, (train_loader, test_loader), example)
+        if centroids:
+            _tune_centroids(recipe, model.to(device()), train_loader)
+            model.cpu()
+        exported = _export(recipe, model, meta, dense_path, test_loader, example)
         progress.message(", ".join(f"{k}: {v['file_bytes']:,} bytes" for k, v in exported.items()))
     progress.message("realising the savings: the .sct file loaded back, latency measured")
     dense_model = load_checkpoint(
@@ -338,6 +456,7 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
             **({"allocation_search": searches} if searches else {}),
             "realised": realised,
             "prune_events": history,
+            **({"processes": world_size()} if parallel else {}),
             "seconds": {
                 "dense": dense_seconds,
                 "prune_and_finetune": prune_seconds,
@@ -456,31 +575,36 @@ def sensitivity(
     return result
 
 
+def _tune_centroids(recipe: Recipe, model: nn.Module, train_loader: DataLoader[Any]) -> None:
+    """Share the kept weights (k-means per layer) and fine-tune the shared values, as the
+    recipe's ``export`` section asks (every rank does it under ``torchrun``)."""
+    ex = recipe.export
+    share_weights_(model, bits=ex.bits, layer_bits=ex.layer_bits)
+    ft = recipe.finetune.config(recipe.train)
+    lr = ex.centroid_lr if ex.centroid_lr is not None else recipe.train.lr / 100
+    # no weight decay: it would pull each shared value toward zero, not a weight
+    tune = dataclasses.replace(ft, epochs=ex.centroid_epochs, lr=lr, weight_decay=0.0)
+    train(model, train_loader, tune)
+
+
 def _export(
     recipe: Recipe,
     model: nn.Module,
     meta: dict[str, Any],
     dense_path: Path,
-    loaders: tuple[DataLoader[Any], DataLoader[Any]],
+    test_loader: DataLoader[Any],
     example: Tensor,
 ) -> dict[str, dict[str, Any]]:
     """Write the files the recipe's ``export`` section asks for; returns what each holds.
 
     The compressed file's accuracy is measured on a fresh model loaded back from it, so the
     number is about what ships. ``model`` itself stays the pruned model (shared weights, if
-    centroids were fine-tuned, are baked in).
+    centroids were fine-tuned by :func:`_tune_centroids` first, are baked in).
     """
     ex = recipe.export
     out: dict[str, dict[str, Any]] = {}
     out_dir = recipe.out_dir()
     if ex.compressed:
-        if ex.centroid_epochs:
-            share_weights_(model, bits=ex.bits, layer_bits=ex.layer_bits)
-            ft = recipe.finetune.config(recipe.train)
-            lr = ex.centroid_lr if ex.centroid_lr is not None else recipe.train.lr / 100
-            # no weight decay: it would pull each shared value toward zero, not a weight
-            tune = dataclasses.replace(ft, epochs=ex.centroid_epochs, lr=lr, weight_decay=0.0)
-            train(model, loaders[0], tune)
         path = out_dir / COMPRESSED_FILE
         info = save_compressed(
             model, path, ex.compress_config(), metadata={"model": recipe.model.name}
@@ -493,7 +617,7 @@ def _export(
             "file_bytes": info.file_bytes,
             "dense_file_bytes": dense_bytes,
             "ratio": dense_bytes / info.file_bytes,
-            "accuracy": evaluate(loaded, loaders[1]).accuracy,
+            "accuracy": evaluate(loaded, test_loader).accuracy,
             "max_abs_error": info.max_abs_error,
             "centroid_epochs": ex.centroid_epochs,
             "tensors": [t.to_dict() for t in info.tensors],

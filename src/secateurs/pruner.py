@@ -26,6 +26,7 @@ from secateurs.criteria import (
     Wanda,
 )
 from secateurs.criteria.layerwise import check_layer
+from secateurs.distributed import all_reduce_sum_, is_distributed
 from secateurs.errors import ConfigError
 from secateurs.masks import remove_mask, set_mask
 from secateurs.oneshot import (
@@ -266,6 +267,14 @@ class Pruner:
     methods prescribe. Call ``step()`` once before the first optimizer step too, so step 0 (a
     sparse initialisation, the lottery's rewind point) sees the initial weights.
 
+    Data-parallel (``torchrun``): build a pruner on every rank, each with its own share of the
+    calibration ``data``; the statistics of data-aware criteria (calibration gradients, RigL's
+    dense gradients, movement scores, layer input Hessians) are summed over the ranks before
+    masks are chosen, so every rank gets the same masks. Attaching a weight's first mask (or
+    removing masks) changes the model's parameters, and a ``DistributedDataParallel`` wrapper
+    built before then no longer reduces that weight's gradient: in your own loop, wrap the
+    model after that event or wrap it again (:func:`secateurs.train.train` rewraps by itself).
+
     Pruning never regrows a weight: asking for less than the sparsity the targets already
     have (a schedule starting below it, ``prune_to`` a lower value) is a ConfigError.
     """
@@ -484,7 +493,7 @@ class Pruner:
             return masks
         stats: Mapping[str, Mapping[str, Tensor]] | None = None
         if criterion.observes_training:
-            stats = {t.name: self._observed.get(t.name, {}) for t in self.targets}
+            stats = self._observed_stats()
         elif criterion.needs_data:
             if self.data is None:
                 raise ConfigError(f"{type(criterion).__name__} needs data= and loss_fn=")
@@ -516,6 +525,19 @@ class Pruner:
         self._reset_pruned_state(before)
         self._record(kind, sparsity)
         return new_masks
+
+    def _observed_stats(self) -> dict[str, dict[str, Tensor]]:
+        """What the training-time criterion observed, per target; under ``torchrun`` summed
+        over the ranks (into a copy: each rank keeps accumulating its own), so that every
+        rank ranks the same scores."""
+        observed = {t.name: self._observed.get(t.name, {}) for t in self.targets}
+        if not is_distributed():
+            return observed
+        summed = {
+            name: {k: v.clone() for k, v in stats.items()} for name, stats in observed.items()
+        }
+        all_reduce_sum_(summed[t.name][k] for t in self.targets for k in sorted(summed[t.name]))
+        return summed
 
     def _prune_layerwise(
         self, criterion: LayerwiseCriterion, allocation: Allocation, sparsity: float

@@ -16,6 +16,7 @@ from secateurs.bench.records import (
     append_record,
     read_records,
     validate_record,
+    without_timing,
 )
 from secateurs.bench.runner import GridResult, run_grid
 
@@ -39,4 +40,5 @@ __all__ = [
     "read_records",
     "run_grid",
     "validate_record",
+    "without_timing",
 ]

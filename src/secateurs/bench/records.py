@@ -126,6 +126,25 @@ def clean(value: Any) -> Any:
     return value
 
 
+#: Record fields that measure time or the machine rather than the result (with, at any depth,
+#: every key ending in ``seconds``: prune, fine-tune, dense training, search).
+TIMING_FIELDS = frozenset({"latency_ms", "timestamp", "versions"})
+
+
+def without_timing(value: Any) -> Any:
+    """``value`` (a record, or any JSON value) without the fields that measure time or the
+    machine, at any depth: what must be equal when the same grid runs on another backend."""
+    if isinstance(value, Mapping):
+        return {
+            k: without_timing(v)
+            for k, v in value.items()
+            if k not in TIMING_FIELDS and not str(k).endswith("seconds")
+        }
+    if isinstance(value, list):
+        return [without_timing(v) for v in value]
+    return value
+
+
 def validate_record(record: Mapping[str, Any], where: str = "record") -> None:
     """Raise :class:`DataError` naming the first key that breaks the contract.
 

@@ -10,6 +10,13 @@ rerunning a point on the same machine reproduces its accuracy to the last digit.
 A point that raises is recorded as ``failed`` with its traceback and the grid goes on. The
 results file is append-only: rerunning the grid skips every key already recorded (finished or
 failed), so an interrupted grid resumes where it stopped.
+
+Where the points run is a :class:`~secateurs.backends.Backend`: by default one after another
+in this process; on ``ray`` every point is a Ray task, and the dense model of each (model,
+dataset, seed) is a task of its own that its points wait for. The data set is shared once with
+every worker. Whatever the backend, this process writes each record as its point finishes (a
+worker that dies loses no finished record; Ray reruns the task it was running), and the
+records are the same, timings aside.
 """
 
 from __future__ import annotations
@@ -23,16 +30,18 @@ import platform
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
 
 import secateurs
+from secateurs.backends import Backend, Failure, LocalBackend, backend_of
 from secateurs.bench.corruptions import corrupt
 from secateurs.bench.grid import DatasetEntry, Grid, ModelEntry, Point
 from secateurs.bench.methods import PruneContext, Pruned
@@ -120,8 +129,17 @@ class _Data:
     corrupted: dict[tuple[str, int], Batches]
 
 
-def _prepare_data(entry: DatasetEntry, grid: Grid) -> _Data:
+def _prepare_data(entry: DatasetEntry, grid: Grid, compact: bool = False) -> _Data:
+    """The data set of ``entry``, its test batches and corrupted copies. ``compact``: every
+    tensor owns its storage (the bundle may be a view of a cached, larger set, and the
+    batches views of the test set), for a backend that pickles it."""
     bundle = load_bundle(entry)
+    if compact:
+        bundle = dataclasses.replace(
+            bundle,
+            train=TensorDataset(*(t.clone() for t in bundle.train.tensors)),
+            test=TensorDataset(*(t.clone() for t in bundle.test.tensors)),
+        )
     x, y = bundle.test.tensors
     rob = grid.evaluate.robustness
     xs, ys = x[: rob.limit], y[: rob.limit]
@@ -131,7 +149,13 @@ def _prepare_data(entry: DatasetEntry, grid: Grid) -> _Data:
         for sev in rob.severities
         if x.dim() == 4
     }
-    return _Data(bundle, _batches(x, y), corrupted)
+    data = _Data(bundle, _batches(x, y), corrupted)
+    if compact:
+        data.test = [(a.clone(), b.clone()) for a, b in data.test]
+        data.corrupted = {
+            k: [(a.clone(), b.clone()) for a, b in v] for k, v in data.corrupted.items()
+        }
+    return data
 
 
 def _model(entry: ModelEntry, bundle: DataBundle, seed: int) -> nn.Module:
@@ -362,20 +386,27 @@ def run_grid(
     *,
     cache_dir: str | Path | None = None,
     threads: int | None = None,
+    backend: str | Mapping[str, Any] | Backend | None = None,
+    on_start: Callable[[int], object] | None = None,
     on_record: Callable[[dict[str, Any]], object] | None = None,
     on_message: Callable[[str], object] | None = None,
 ) -> GridResult:
     """Run every point of ``grid`` not yet in ``out``; append one record per run.
 
     ``cache_dir`` holds the dense models (default: ``<out's folder>/cache/bench``).
-    ``threads`` sets ``torch.set_num_threads`` for the whole grid (default: the grid's
-    ``threads``, else unchanged); it is part of the dense cache's key, since thread count can
-    change float sums. ``on_record`` sees every record written, ``on_message`` progress lines.
+    ``threads`` sets ``torch.set_num_threads`` for the whole grid, in every worker (default:
+    the grid's ``threads``, else unchanged); it is part of the dense cache's key, since thread
+    count can change float sums. ``backend``: where the points run (see
+    :func:`~secateurs.backends.backend_of`; default ``local``, one after another in this
+    process; a backend given by name or mapping runs each point with those threads); it
+    starts before anything is written, so one that cannot start leaves ``out`` as it was.
+    ``on_start`` gets the number of runs to do, ``on_record`` every record written (in the
+    order the runs finish), ``on_message`` progress lines.
     """
     out = Path(out)
+    n_threads = threads if threads is not None else grid.threads
+    backend_ = LocalBackend() if backend is None else backend_of(backend, threads=n_threads)
     done = check_results_file(out, grid)
-    if out.exists():
-        drop_partial_tail(out)
     cache = Path(cache_dir) if cache_dir is not None else out.parent / "cache" / "bench"
     say = on_message or (lambda _text: None)
     result = GridResult()
@@ -386,79 +417,143 @@ def run_grid(
         if on_record is not None:
             on_record(written)
 
-    with _threads(threads if threads is not None else grid.threads):
-        run_versions = versions()
+    with _threads(n_threads), backend_.session():
+        if out.exists():
+            drop_partial_tail(out)
+        pending = [p for p in grid.all_points() if p.key not in done]
+        result.skipped = [p.key for p in grid.all_points() if p.key in done]
+        if on_start is not None:
+            on_start(len(pending))
         for data_entry in grid.datasets:
-            todo = [p for p in grid.all_points() if p.dataset is data_entry and p.key not in done]
-            result.skipped += [
-                p.key for p in grid.all_points() if p.dataset is data_entry and p.key in done
-            ]
-            if not todo:
-                continue
-            data = _prepare_data(data_entry, grid)
-            for model_entry in grid.models:
-                for seed in grid.seeds:
-                    points = [
+            groups = [
+                ((model_entry, seed), points)
+                for model_entry in grid.models
+                for seed in grid.seeds
+                if (
+                    points := [
                         p for p in grid.points(model_entry, data_entry, seed) if p.key not in done
                     ]
-                    if points:
-                        _run_group(points, grid, data, cache, run_versions, write, say)
+                )
+            ]
+            if not groups:
+                continue
+            data = _prepare_data(data_entry, grid, compact=backend_.pickles_shared)
+            shared = _Shared(grid, data_entry, data, cache, torch.get_num_threads())
+            flat = [(g, point) for g, (_, points) in enumerate(groups) for point in points]
+            started: set[int] = set()  # groups with a record already
+            outcomes = backend_.map_after(_train_dense, _run_cell, groups, shared)
+            with closing(outcomes):
+                for index, outcome in outcomes:
+                    group, point = flat[index]
+                    if group not in started:
+                        started.add(group)
+                        say(f"{point.model.name} on {data_entry.name}, seed {point.seed}")
+                    record = (
+                        _lost_record(point, grid, cache, outcome)
+                        if isinstance(outcome, Failure)
+                        else outcome
+                    )
+                    write(record)
+                    status = "failed" if record["error"] else f"accuracy {record['accuracy']:.4f}"
+                    say(f"  {point.key}: {status}")
     return result
 
 
-def _run_group(
-    points: list[Point],
-    grid: Grid,
-    data: _Data,
-    cache_dir: Path,
-    run_versions: dict[str, str],
-    write: Callable[[dict[str, Any]], None],
-    say: Callable[[str], object],
-) -> None:
-    """The pending points of one (model, dataset, seed): dense first, then each method."""
-    first = points[0]
-    model_entry, data_entry, seed = first.model, first.dataset, first.seed
-    cache = dense_cache_path(cache_dir, grid, model_entry, data_entry, seed)
-    say(f"{model_entry.name} on {data_entry.name}, seed {seed}: dense model")
-    t0 = time.perf_counter()
-    try:
-        dense, cached = dense_model(grid, model_entry, data_entry, data.bundle, seed, cache_dir)
-        dense_error = None
-    except Exception:
-        dense, cached, dense_error = None, False, traceback.format_exc()
-    train_seconds = time.perf_counter() - t0
-    for point in points:
-        base = _base(point, grid)
+@dataclass
+class _Shared:
+    """What every run of one data set needs, shared once with the workers: the grid, the
+    data set and its prepared data, the dense cache and the torch threads each run uses."""
+
+    grid: Grid
+    data_entry: DatasetEntry
+    data: _Data
+    cache_dir: Path
+    threads: int
+
+
+@dataclass
+class _Dense:
+    """The dense model of one (model, dataset, seed), or the traceback of its training."""
+
+    model: nn.Module | None
+    cached: bool
+    seconds: float
+    error: str | None
+
+
+def _train_dense(shared: _Shared, key: tuple[ModelEntry, int]) -> _Dense:
+    """The setup of a (model, seed) group: train the dense model, or load it from the cache."""
+    model_entry, seed = key
+    with _threads(shared.threads):
+        t0 = time.perf_counter()
+        try:
+            dense, cached = dense_model(
+                shared.grid,
+                model_entry,
+                shared.data_entry,
+                shared.data.bundle,
+                seed,
+                shared.cache_dir,
+            )
+            return _Dense(dense, cached, time.perf_counter() - t0, None)
+        except Exception:
+            return _Dense(None, False, time.perf_counter() - t0, traceback.format_exc())
+
+
+def _run_cell(shared: _Shared, dense: _Dense | Failure, point: Point) -> dict[str, Any]:
+    """One point of the grid, given its group's dense model: its record (``failed``, with
+    the traceback, when it raised or when the dense model could not be trained)."""
+    grid = shared.grid
+    if isinstance(dense, Failure):  # the setup task itself was lost
+        dense = _Dense(None, False, 0.0, dense.traceback)
+    with _threads(shared.threads):
         extra: dict[str, Any] = {}
         fields: dict[str, Any] = {}
         error = None
-        if dense is None:
+        if dense.model is None:
             error = (
-                dense_error
+                dense.error
                 if point.method is None
-                else f"the dense model could not be trained:\n{dense_error}"
+                else f"the dense model could not be trained:\n{dense.error}"
             )
         else:
             try:
-                dense_layers = _layer_params(dense)
-                dense_params = sum(p.numel() for p in dense.parameters())
+                dense_layers = _layer_params(dense.model)
+                dense_params = sum(p.numel() for p in dense.model.parameters())
                 if point.method is None:
-                    fields = measure(dense, data, grid, dense_params, dense_layers)
+                    fields = measure(dense.model, shared.data, grid, dense_params, dense_layers)
                     fields.update(prune_seconds=0.0, finetune_seconds=0.0)
-                    extra = {"dense_train_seconds": None if cached else train_seconds}
+                    extra = {"dense_train_seconds": None if dense.cached else dense.seconds}
                 else:
-                    fields, extra = run_point(point, grid, data, dense, dense_params, dense_layers)
+                    fields, extra = run_point(
+                        point, grid, shared.data, dense.model, dense_params, dense_layers
+                    )
             except Exception:
                 error = traceback.format_exc()
-        record = new_record(
-            **base,
+        return new_record(
+            **_base(point, grid),
             **(fields if error is None else {}),
             status="ok" if error is None else "failed",
             error=error,
-            config=_config(point, grid, cache, extra),
-            versions=run_versions,
+            config=_config(point, grid, _cache_of(shared, point), extra),
+            versions=versions(),
             timestamp=_now(),
         )
-        write(record)
-        status = "failed" if error else f"accuracy {fields['accuracy']:.4f}"
-        say(f"  {point.key}: {status}")
+
+
+def _cache_of(shared: _Shared, point: Point) -> Path:
+    return dense_cache_path(shared.cache_dir, shared.grid, point.model, point.dataset, point.seed)
+
+
+def _lost_record(point: Point, grid: Grid, cache_dir: Path, failure: Failure) -> dict[str, Any]:
+    """The ``failed`` record of a point whose task never came back (its worker was lost more
+    often than the backend retries), so that the grid still completes."""
+    cache = dense_cache_path(cache_dir, grid, point.model, point.dataset, point.seed)
+    return new_record(
+        **_base(point, grid),
+        status="failed",
+        error=f"the run was lost ({failure.kind}):\n{failure.traceback}",
+        config=_config(point, grid, cache, {}),
+        versions=versions(),
+        timestamp=_now(),
+    )

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from secateurs.distributed import all_reduce_sum_, is_distributed
 from secateurs.errors import ConfigError, ModelError
 
 __all__ = [
@@ -129,6 +130,25 @@ class HessianAccumulator:
             self._h.addmm_(rows.T, rows, alpha=2.0 / total)
         self._sq.add_(rows.square().sum(0))
         self._n = total
+
+    @torch.no_grad()
+    def all_reduce_(self) -> None:
+        """Combine with the same accumulator on every other rank, in place (a no-op in one
+        process): afterwards every rank holds the statistics of all the ranks' inputs.
+
+        ``H`` is a running mean, so it is weighted back into a sum (``H * n``) before the
+        ranks' sums are added, then divided by the total number of rows; the column sums of
+        squares and the row counts simply add. A rank that saw no row contributes nothing.
+        """
+        if not is_distributed():
+            return
+        count = torch.tensor([float(self._n)], dtype=torch.float64, device=self.device)
+        if self._h is not None:
+            self._h.mul_(self._n)
+        all_reduce_sum_([t for t in (self._h, self._sq, count) if t is not None])
+        self._n = round(float(count))
+        if self._h is not None and self._n:
+            self._h.div_(self._n)
 
     def hessian(self) -> Tensor:
         """``2/n X^T X``, ``[in, in]`` (a copy)."""

@@ -107,7 +107,11 @@ def _bytes(obj: Any) -> int:
 def _gathering(
     targets: Sequence[Target], hessian: bool, limit: int | None = None
 ) -> Iterator[dict[str, HessianAccumulator]]:
-    """Hooks folding each target module's input rows into an accumulator, removed on exit."""
+    """Hooks folding each target module's input rows into an accumulator, removed on exit.
+
+    On a normal exit the accumulators are combined over the ranks under ``torchrun`` (each
+    rank ran its own calibration batches), so every rank prunes from the same statistics.
+    """
     stats: dict[str, HessianAccumulator] = {}
     handles = []
     for t in targets:
@@ -124,6 +128,8 @@ def _gathering(
     finally:
         for h in handles:
             h.remove()
+    for acc in stats.values():
+        acc.all_reduce_()
 
 
 def prune_layerwise_(

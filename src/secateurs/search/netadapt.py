@@ -21,6 +21,12 @@ map, so the table is built once and the limit means the same thing throughout; t
 are realised (physically pruned) on the current, fine-tuned model. A layer never loses more
 of its original channels than the space's ``max_ratio`` allows.
 
+The candidates of one iteration are independent: a :class:`~secateurs.backends.Backend`
+(``backend``, ``workers``, as for the sensitivity scan) cuts, fine-tunes and scores them,
+the current model shared once with every worker. Each candidate's fine-tuning starts from a
+random state seeded by the search's seed, the iteration and the layer, so the winner, and the
+whole search, do not depend on the backend or on the order the candidates finish in.
+
 Unlike the other searches this one produces a trained model: :class:`SearchResult` has it in
 ``model``, and ``ratios`` says how far each group of the original model was cut (use them
 with :func:`secateurs.shrink` to cut a fresh copy the same way).
@@ -30,14 +36,25 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
+from secateurs.backends import Backend, Failure, backend_of
 from secateurs.budgets import Budget
 from secateurs.errors import BudgetError, ConfigError
-from secateurs.search.base import SEARCHES, AllocationSearch, SearchContext, SearchResult
+from secateurs.search.base import (
+    SEARCHES,
+    AllocationSearch,
+    Evaluator,
+    Finetuner,
+    SearchContext,
+    SearchResult,
+)
 from secateurs.search.space import ChannelSpace, LayerSpace, RatioMap
 
 #: Relative slack when comparing a value with a limit or a target (float counts).
@@ -56,6 +73,34 @@ def _fraction(value: object, name: str) -> float:
     return float(value)
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate of an iteration: cut ``layer`` of the current model by ``ratio``, then
+    fine-tune it from a random state seeded by ``seed``."""
+
+    layer: str
+    ratio: float
+    seed: int
+
+
+#: What every candidate of an iteration shares: the current model's space, the fine-tuning
+#: and evaluation callables, and the short-term fine-tuning steps.
+Shared = tuple[ChannelSpace, Finetuner | None, Evaluator, int]
+
+
+def try_candidate(shared: Shared, candidate: Candidate) -> tuple[float, nn.Module]:
+    """``(score, model)`` of one candidate: cut, fine-tuned for the short-term steps and
+    evaluated (the caller checks the score). The caller's random state is left as it was."""
+    space, finetune, evaluate, steps = shared
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(candidate.seed)
+        model = space.realize({candidate.layer: candidate.ratio})
+        if steps > 0:
+            assert finetune is not None
+            finetune(model, steps)
+        return evaluate(model), model
+
+
 @SEARCHES.register("netadapt")
 @dataclass
 class NetAdapt(AllocationSearch):
@@ -68,6 +113,9 @@ class NetAdapt(AllocationSearch):
     ``short_steps``: fine-tuning steps given to every candidate before it is scored (0: score
     it as cut). ``long_steps``: fine-tuning steps given to the final model. ``max_iterations``:
     a budget not met after this many iterations is a :class:`~secateurs.BudgetError`.
+    ``workers`` and ``backend``: how many candidates are tried at once and where (as for
+    :class:`~secateurs.search.sensitivity.Sensitivity`: ``local`` for one worker, ``fork``
+    for more, or ``ray``).
     """
 
     step: float = 0.05
@@ -75,6 +123,8 @@ class NetAdapt(AllocationSearch):
     short_steps: int = 20
     long_steps: int = 200
     max_iterations: int = 100
+    workers: int = 1
+    backend: str | Mapping[str, Any] | Backend | None = None
 
     needs_finetune: ClassVar[bool] = True
 
@@ -84,6 +134,7 @@ class NetAdapt(AllocationSearch):
         self.short_steps = _count(self.short_steps, "short_steps", 0)
         self.long_steps = _count(self.long_steps, "long_steps", 0)
         self.max_iterations = _count(self.max_iterations, "max_iterations", 1)
+        self.backend_: Backend = backend_of(self.backend, self.workers)
 
     def search(self, space: LayerSpace, budget: Budget, ctx: SearchContext) -> SearchResult:
         if not isinstance(space, ChannelSpace):
@@ -104,7 +155,8 @@ class NetAdapt(AllocationSearch):
                 "criterion (e.g. 'magnitude', 'bn_scale', 'fpgm')"
             )
         run = _Run(self, space, budget, ctx)
-        return run.search()
+        with self.backend_.session():
+            return run.search()
 
 
 class _Run:
@@ -197,15 +249,14 @@ class _Run:
     ) -> tuple[nn.Module, dict[str, Any]]:
         """One NetAdapt iteration from ``model``: the best single-layer candidate that
         brings the value to ``target`` or below, fine-tuned briefly."""
-        ctx, opts = self.ctx, self.options
+        ctx = self.ctx
         current = self.current_space(model)
         sizes = {layer.name: layer for layer in current.layers if layer.name in self.original}
         for name, layer in sizes.items():
             self.widths[name] = layer.size  # the truth is the model (they agree)
-        candidates: list[dict[str, Any]] = []
+        planned: list[tuple[Candidate, dict[str, Any]]] = []  # what to try, its record so far
         skipped: list[dict[str, Any]] = []
-        best: tuple[float, float, str, int, nn.Module] | None = None
-        for name, layer in sizes.items():
+        for order, (name, layer) in enumerate(sizes.items()):
             size = layer.size
             lost = self.original[name] - size
             room = min(self.cap[name] - lost, round(layer.max_ratio * size + TOLERANCE))
@@ -235,23 +286,10 @@ class _Run:
                 else:
                     lo = mid
             n = removed(hi)
-            candidate = current.realize({name: hi / size})
-            if opts.short_steps > 0:
-                assert ctx.finetune is not None
-                ctx.finetune(candidate, opts.short_steps)
-            score = ctx.score(candidate)
-            cand_value = value_at(hi)
-            candidates.append(
-                {
-                    "layer": name,
-                    "removed": n,
-                    "width": size - n,
-                    "value": cand_value,
-                    "score": score,
-                }
-            )
-            if best is None or (score, -cand_value) > (best[0], -best[1]):
-                best = (score, cand_value, name, size - n, candidate)
+            seed = ctx.seed * 1_000_003 + i * 1009 + order
+            record = {"layer": name, "removed": n, "width": size - n, "value": value_at(hi)}
+            planned.append((Candidate(name, hi / size, seed), record))
+        candidates, best = self.try_all(planned, current)
         if best is None:
             reachable = min((s["value"] for s in skipped if "value" in s), default=value)
             raise BudgetError(
@@ -261,7 +299,7 @@ class _Run:
                 f"{self.unit}, the budget allows {self.limit:,.4g}. Lower step or raise the "
                 "budget or max_ratio"
             )
-        score, new_value, name, width, chosen = best
+        score, new_value, _, name, width, chosen = best
         self.widths[name] = width
         record = {
             "iteration": i + 1,
@@ -274,3 +312,28 @@ class _Run:
             "skipped": skipped,
         }
         return chosen, record
+
+    def try_all(
+        self, planned: list[tuple[Candidate, dict[str, Any]]], current: ChannelSpace
+    ) -> tuple[list[dict[str, Any]], tuple[float, float, int, str, int, nn.Module] | None]:
+        """Fine-tune and score every planned candidate on the search's backend.
+
+        Returns their records (in layer order, each with its ``score``) and the best one as
+        ``(score, value, -order, layer, width, model)``: highest score, then lowest value,
+        then the first layer; only the best model is kept while the others arrive.
+        """
+        ctx, opts = self.ctx, self.options
+        shared: Shared = (current, ctx.finetune, ctx.evaluate, opts.short_steps)
+        best: tuple[float, float, int, str, int, nn.Module] | None = None
+        items = [candidate for candidate, _ in planned]
+        with closing(opts.backend_.map(try_candidate, items, shared)) as outcomes:
+            for k, outcome in outcomes:
+                candidate, record = planned[k]
+                ctx.evaluations += 1
+                if isinstance(outcome, Failure):
+                    outcome.raise_(f"fine-tuning or evaluating the candidate for {candidate.layer}")
+                score, model = ctx.check(outcome[0]), outcome[1]
+                record["score"] = score
+                if best is None or (score, -record["value"], -k) > (best[0], -best[1], best[2]):
+                    best = (score, record["value"], -k, candidate.layer, record["width"], model)
+        return [record for _, record in planned], best

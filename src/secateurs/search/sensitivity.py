@@ -9,23 +9,26 @@ layer past a worse point); T is bisected until the budget is met, which needs no
 since the budget is counted from the ratio map alone.
 
 The scan is embarrassingly parallel and its work unit, :class:`ScanTask` (one layer, one
-ratio) run by :func:`run_task`, is self-contained: here worker processes (forked, so the model
-and the evaluator need not be picklable) take tasks from a pool; a distributed runner can take
-the same tasks later.
+ratio) run by :func:`run_task`, is self-contained: a :class:`~secateurs.backends.Backend`
+runs the tasks (``backend``: ``local`` in this process, ``fork`` in forked worker processes,
+which need neither the model nor the evaluator to pickle, or ``ray`` on a Ray cluster), with
+the space and the evaluator shared once with every worker. The curves and the ratio map do not
+depend on the backend.
 """
 
 from __future__ import annotations
 
 import itertools
-import multiprocessing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
 from torch import nn
 
+from secateurs.backends import Backend, Failure, backend_of
 from secateurs.budgets import Budget
-from secateurs.errors import BudgetError, ConfigError, ModelError, SecateursError
+from secateurs.errors import BudgetError, ConfigError
 from secateurs.search.base import (
     SEARCHES,
     AllocationSearch,
@@ -56,17 +59,9 @@ def run_task(space: LayerSpace, task: ScanTask, evaluate: Callable[[nn.Module], 
         return evaluate(model)
 
 
-# Forked workers inherit the space and the evaluator through this global: nothing is pickled.
-_WORKER: tuple[LayerSpace, Callable[[nn.Module], float]] | None = None
-
-
-def _worker_init() -> None:
-    torch.set_num_threads(1)
-
-
-def _worker_run(task: ScanTask) -> float:
-    assert _WORKER is not None
-    space, evaluate = _WORKER
+def _scan_one(shared: tuple[LayerSpace, Callable[[nn.Module], float]], task: ScanTask) -> float:
+    """:func:`run_task` as a backend task: the space and the evaluator are the shared object."""
+    space, evaluate = shared
     return run_task(space, task, evaluate)
 
 
@@ -79,13 +74,17 @@ def _default_grid() -> tuple[float, ...]:
 class Sensitivity(AllocationSearch):
     """Per-layer sensitivity scan, then one drop threshold bisected to meet the budget.
 
-    ``ratios``: the grid each layer is scanned at (0 is always included). ``workers``: worker
-    processes for the scan (1: in this process). A layer is scanned only up to its
-    ``max_ratio``.
+    ``ratios``: the grid each layer is scanned at (0 is always included). ``workers``: how
+    many evaluations run at once. ``backend``: where they run, a name of
+    :data:`~secateurs.backends.BACKENDS` (``local``, ``fork``, ``ray``), ``{"name": ...,
+    **options}`` (``{"name": "ray", "address": "10.0.0.5:6379"}``) or a
+    :class:`~secateurs.backends.Backend`; by default ``local`` for one worker, ``fork`` for
+    more. A layer is scanned only up to its ``max_ratio``.
     """
 
     ratios: Sequence[float] = field(default_factory=_default_grid)
     workers: int = 1
+    backend: str | Mapping[str, Any] | Backend | None = None
 
     def __post_init__(self) -> None:
         grid = list(self.ratios)
@@ -96,8 +95,7 @@ class Sensitivity(AllocationSearch):
                 f"sensitivity ratios must be a non-empty list of numbers in [0, 1); got {grid!r}"
             )
         self.ratios = tuple(sorted({0.0, *(float(r) for r in grid)}))
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
-            raise ConfigError(f"workers must be an int >= 1; got {self.workers!r}")
+        self.backend_: Backend = backend_of(self.backend, self.workers)
 
     # -- the scan -----------------------------------------------------------------------
     def tasks(self, space: LayerSpace) -> list[ScanTask]:
@@ -123,28 +121,16 @@ class Sensitivity(AllocationSearch):
         return baseline, curves
 
     def _run(self, space: LayerSpace, tasks: list[ScanTask], ctx: SearchContext) -> list[float]:
-        if (
-            self.workers == 1
-            or len(tasks) < 2
-            or "fork" not in multiprocessing.get_all_start_methods()
-        ):
-            return [run_task(space, t, ctx.score) for t in tasks]
-        global _WORKER
-        _WORKER = (space, ctx.evaluate)
-        chunk = max(1, len(tasks) // (4 * self.workers))
-        try:
-            with multiprocessing.get_context("fork").Pool(self.workers, _worker_init) as pool:
-                raw = pool.map(_worker_run, tasks, chunksize=chunk)
-        except SecateursError:
-            raise
-        except Exception as exc:
-            raise ModelError(
-                f"the evaluation function raised {type(exc).__name__} in a worker: {exc}"
-            ) from exc
-        finally:
-            _WORKER = None
-        ctx.evaluations += len(raw)
-        return [ctx.check(v) for v in raw]
+        """Every task's score, in task order, whatever order the backend finishes them in; the
+        first failure stops the scan as a clear error."""
+        scores: list[float] = [0.0] * len(tasks)
+        with closing(self.backend_.map(_scan_one, tasks, (space, ctx.evaluate))) as outcomes:
+            for i, outcome in outcomes:
+                ctx.evaluations += 1
+                if isinstance(outcome, Failure):
+                    outcome.raise_("the evaluation function")
+                scores[i] = ctx.check(outcome)
+        return scores
 
     # -- the threshold ------------------------------------------------------------------
     def search(self, space: LayerSpace, budget: Budget, ctx: SearchContext) -> SearchResult:

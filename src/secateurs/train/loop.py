@@ -17,6 +17,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from secateurs.distributed import (
+    all_reduce_sum_,
+    broadcast_,
+    data_parallel,
+    is_distributed,
+    layout,
+    start_epoch,
+)
 from secateurs.errors import ConfigError, DataError, ModelError
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -210,6 +218,15 @@ def train(
     :class:`~secateurs.Pruner` resets state in. Batches are moved to the model's device. The model is left in
     the train/eval mode it came in. A non-finite loss stops training with a
     :class:`ConfigError` before the step is taken.
+
+    Under ``torchrun`` (a process group of more than one process) the forward and backward
+    passes run through ``DistributedDataParallel``, which averages the gradients so every rank
+    takes the same step; ``loader`` is this rank's share of the data (a
+    :class:`~secateurs.distributed.ShardedSampler`, or a ``DistributedSampler`` whose epoch is
+    set at every epoch). The wrapper is rebuilt after an ``on_step`` that changed the model's
+    parameters or buffers (a first mask attached, masks removed), the mean losses are over
+    all ranks, and the buffers (BatchNorm statistics) are rank 0's at the end, so every rank
+    ends with the same model. In one process nothing of this happens.
     """
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"config must be a TrainConfig; got {type(config).__name__}")
@@ -244,8 +261,11 @@ def train(
     start = time.perf_counter()
     was_training = model.training
     model.train()
+    net = data_parallel(model)
+    shape = layout(model) if net is not model else None
     try:
         for epoch in range(config.epochs):
+            start_epoch(loader, epoch)
             running, batches = 0.0, 0
             for batch in loader:
                 inputs, labels = _split_batch(batch, history.steps)
@@ -257,7 +277,7 @@ def train(
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                 if terms:
-                    outputs = model(inputs)
+                    outputs = net(inputs)
                     loss = _total_loss(
                         task_weight * loss_fn(outputs, labels),
                         terms,
@@ -267,7 +287,7 @@ def train(
                         history.steps,
                     )
                 else:
-                    loss = loss_fn(model(inputs), labels)
+                    loss = loss_fn(net(inputs), labels)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise ConfigError(
@@ -282,13 +302,29 @@ def train(
                 batches += 1
                 if on_step is not None:
                     on_step(history.steps)
+                    if shape is not None and layout(model) != shape:
+                        net = model  # drop the old wrapper first: its hooks stay on the weights
+                        net = data_parallel(model)
+                        shape = layout(model)
                 if progress is not None:
                     progress(history.steps, total)
-            mean = running / max(batches, 1)
+            mean = _mean_over_ranks(running, batches)
             history.losses.append(mean)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, mean)
+        if shape is not None:
+            broadcast_(list(model.buffers()))  # rank 0's BatchNorm statistics everywhere
     finally:
         model.train(was_training)
     history.seconds = time.perf_counter() - start
     return history
+
+
+def _mean_over_ranks(total: float, batches: int) -> float:
+    """The mean batch loss of an epoch, over every rank's batches (this rank's in one
+    process): with equal shares of each batch, the mean loss of the global batches."""
+    if not is_distributed():
+        return total / max(batches, 1)
+    sums = torch.tensor([total, float(batches)], dtype=torch.float64)
+    all_reduce_sum_([sums])
+    return float(sums[0] / sums[1].clamp(min=1))
