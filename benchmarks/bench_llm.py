@@ -136,6 +136,7 @@ def run_peer(args: argparse.Namespace, method: str, setting: str) -> dict[str, A
     token_file.parent.mkdir(parents=True, exist_ok=True)
     save_file({"calibration": calib, "evaluation": evals}, str(token_file))
     out = RESULTS / "cache" / f"peer_{method}_{setting.replace(':', 'of')}.json"
+    out.unlink(missing_ok=True)
     flag = ["--nm", setting] if ":" in setting else ["--sparsity", setting]
     command = [str(PEER_PYTHON), str(PEER_SCRIPT), "--tokens", str(token_file), "--method",
                method, *flag, "--threads", str(args.threads), "--eval-batch", str(args.batch),
@@ -149,7 +150,7 @@ def run_peer(args: argparse.Namespace, method: str, setting: str) -> dict[str, A
         "prune_seconds": data.get("prune_seconds"),
         "eval_seconds": data.get("eval_seconds"),
         "peak_rss_mb": data.get("peak_rss_mib"),
-        "sparsity": (data.get("sparsity") or {}).get("fraction"),
+        "sparsity": (data.get("measured_sparsity") or {}).get("overall"),
         "versions": data.get("versions"),
         "calibration": [int(calib.shape[0]), int(calib.shape[1])],
         "threads": args.threads,
