@@ -72,7 +72,7 @@ from bench_finegrained import TRAIN_LR, dense_model, sparsity_of, write_results
 from secateurs.data import DataBundle, load_fashion_mnist
 from secateurs.metrics import evaluate, profile
 from secateurs.registry import to_spec
-from secateurs.schedules import DSD, SET, Gradual, Lottery, RigL, Schedule, Static
+from secateurs.schedules import DSD, INIT_RULES, SET, Gradual, Lottery, RigL, Schedule, Static
 from secateurs.train import Distillation, TrainConfig, train
 from secateurs.zoo import build_model
 
@@ -297,8 +297,17 @@ def plan_for(method: str, ctx: Context) -> Plan:
     every = min(args.update_every, max(1, steps // 20))
     end = max(1, int(0.75 * steps))
     cls = {"set": SET, "rigl": RigL, "static": Static}[method]
-    schedule = cls(every=every, end=end, fraction=DROP_FRACTION, distribution="erk")
-    notes = {"update_every": every, "updates_until_step": end, "distribution": "erk"}
+    init: dict[str, Any] = {} if args.sparse_init is None else {"init": args.sparse_init}
+    if args.min_fan_in is not None:
+        init["min_fan_in"] = args.min_fan_in
+    schedule = cls(every=every, end=end, fraction=DROP_FRACTION, distribution="erk", **init)
+    notes = {
+        "update_every": every,
+        "updates_until_step": end,
+        "distribution": "erk",
+        "init": schedule.init,
+        "min_fan_in": schedule.min_fan_in,
+    }
     return Plan(schedule, epochs, steps, lambda t: cosine(TRAIN_LR, t, steps), "erk", False, notes)
 
 
@@ -699,6 +708,18 @@ def main() -> None:
     parser.add_argument("--allocation", default="lamp", help="for gradual, lottery, DSD, LTH")
     parser.add_argument("--rewind-steps", type=int, default=100, help="lottery rewind point")
     parser.add_argument("--update-every", type=int, default=100, help="SET/RigL update period")
+    parser.add_argument(
+        "--sparse-init",
+        choices=INIT_RULES,
+        default=None,
+        help="SET/RigL/static: the sparse initialisation's scaling (default: the schedule's)",
+    )
+    parser.add_argument(
+        "--min-fan-in",
+        type=float,
+        default=None,
+        help="SET/RigL/static: ERK's floor of kept inputs per unit (default: the schedule's)",
+    )
     parser.add_argument("--lth-epochs", type=int, default=2)
     parser.add_argument("--lth-rounds", type=int, default=7)
     parser.add_argument("--skip-lth", action="store_true")

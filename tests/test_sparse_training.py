@@ -16,7 +16,8 @@ import secateurs as sc
 from conftest import make_cnn, make_mlp
 from secateurs.allocation import erk_densities
 from secateurs.schedules import IHT, SET, Lottery, RigL
-from secateurs.sparse_training import drop_and_grow
+from secateurs.sparse_training import drop_and_grow, rescale_for_kept_fan_in_
+from secateurs.zoo import build_model
 
 
 def _data(n: int = 64, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -67,6 +68,105 @@ def test_erk_allocation_obtains_the_sparsity_asked() -> None:
     total = sum(m.numel() for m in masks.values())
     zeros = sum(int((~m).sum()) for m in masks.values())
     assert zeros / total == pytest.approx(0.8, abs=2 / total)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 60)), min_size=1, max_size=5),
+    density=st.floats(0.01, 0.9),
+    floor=st.floats(0.0, 1.0),
+)
+def test_erk_floors_hold_and_the_budget_is_met(
+    shapes: list[tuple[int, int]], density: float, floor: float
+) -> None:
+    sizes = [math.prod(s) for s in shapes]
+    floors = [floor * (i % 2) for i in range(len(shapes))]  # every other layer has a floor
+    dens = erk_densities(shapes, density, floors)
+    used = sum(d * n for d, n in zip(dens, sizes, strict=True))
+    assert all(0.0 <= d <= 1.0 for d in dens)
+    assert used == pytest.approx(density * sum(sizes), rel=1e-9)
+    cost = sum(f * n for f, n in zip(floors, sizes, strict=True))
+    if cost <= density * sum(sizes):  # the floors fit the budget: each one holds
+        assert all(d >= f - 1e-9 for d, f in zip(dens, floors, strict=True))
+
+
+def test_erk_min_fan_in_feeds_lenet5s_second_convolution() -> None:
+    """ERK leaves LeNet-5's conv2 (16 filters of 150 inputs) 45 weights at 98% and 23 at 99%.
+    With a floor of 4 inputs per unit: at 98% the floors fit (944 of 1,229 kept weights), so
+    conv2 keeps 64; at 99% (615 weights for 236 units) they do not, and every layer gets the
+    same share of its floor (conv2 42). The overall density is the one asked either way."""
+    for sparsity, plain_conv2, fed_conv2 in ((0.98, 45, 64), (0.99, 23, 42)):
+        plain = build_model("lenet-5", seed=0)
+        fed = copy.deepcopy(plain)
+        sc.prune_(plain, sparsity=sparsity, allocation="erk", criterion="random")
+        erk4 = {"name": "erk", "min_fan_in": 4}
+        sc.prune_(fed, sparsity=sparsity, allocation=erk4, criterion="random")
+        kept_plain = {k: int(m.sum()) for k, m in sc.collect_masks(plain).items()}
+        kept_fed = {k: int(m.sum()) for k, m in sc.collect_masks(fed).items()}
+        assert kept_plain["conv2.weight"] == plain_conv2
+        assert kept_fed["conv2.weight"] == fed_conv2
+        assert abs(sum(kept_fed.values()) - sum(kept_plain.values())) <= len(kept_fed)
+    with pytest.raises(sc.ConfigError, match="min_fan_in"):
+        sc.prune_(plain, sparsity=0.5, allocation={"name": "erk", "min_fan_in": -1})
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_rescale_for_kept_fan_in_multiplies_each_unit_by_its_own_factor(transposed: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(5, 3, 2, 2, generator=g)
+    mask = torch.rand(5, 3, 2, 2, generator=g) < 0.4
+    mask[2] = False  # a unit with no input: left as it is
+    want = weight.clone()
+    units = mask.transpose(0, 1) if transposed else mask
+    for i in range(units.shape[0]):
+        kept = int(units[i].sum())
+        if kept:
+            factor = math.sqrt(units[i].numel() / kept)
+            if transposed:
+                want[:, i] *= factor
+            else:
+                want[i] *= factor
+    got = rescale_for_kept_fan_in_(weight, mask, transposed)
+    assert got is weight
+    torch.testing.assert_close(weight, want)
+
+
+def _first_layer_gradient(model: nn.Module) -> float:
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
+    nn.functional.cross_entropy(model(x), y).backward()
+    conv1 = model.get_submodule("conv1")
+    if parametrize.is_parametrized(conv1, "weight"):
+        grad = conv1.parametrizations.weight.original.grad
+    else:
+        grad = conv1.weight.grad
+    assert grad is not None
+    return float(grad.norm())
+
+
+@pytest.mark.parametrize("sparsity", [0.98, 0.99])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_initialisation_lets_the_gradient_reach_the_first_layer(
+    sparsity: float, seed: int
+) -> None:
+    """LeNet-5 sparse from scratch: with the dense initialisation's values the gradient of
+    conv1 vanishes (under 1% of the dense network's); rescaled for the kept fan-in, it is of
+    the dense network's order."""
+    dense = _first_layer_gradient(build_model("lenet-5", seed=seed))
+    ratios = {}
+    for init in ("none", "rescale"):
+        model = build_model("lenet-5", seed=seed)
+        sc.Pruner(model, sparsity=sparsity, schedule=SET(init=init)).step()
+        ratios[init] = _first_layer_gradient(model) / dense
+    assert ratios["none"] < 0.01
+    assert ratios["rescale"] > 0.05
+
+
+def test_sparse_init_options_are_checked() -> None:
+    with pytest.raises(sc.ConfigError, match="init 'xavier' is unknown; allowed: rescale, none"):
+        SET(init="xavier")
+    with pytest.raises(sc.ConfigError, match="min_fan_in"):
+        RigL(min_fan_in=-2)
 
 
 # --------------------------------------------------------------------------- static, SET, RigL
@@ -121,7 +221,7 @@ def test_drop_and_grow_keeps_each_layers_count_and_moves_connections(name: str) 
     else:  # RigL's cosine-decayed fraction moves nothing once it rounds to zero weights
         assert changes[:3] == [3, 6, 9] and set(changes) <= {3, 6, 9, 12}
     kinds = [e.kind for e in pruner.history]
-    assert kinds == ["remask"] + ["drop_grow"] * 4
+    assert kinds == ["remask", "scale_init"] + ["drop_grow"] * 4
     assert pruner.done
 
 

@@ -46,11 +46,17 @@ from secateurs.schedules import (
     PruneTo,
     Remask,
     Rewind,
+    ScaleInit,
     Schedule,
     Snapshot,
 )
 from secateurs.selection import Selector, compile_selectors
-from secateurs.sparse_training import WeightSnapshot, drop_and_grow, reset_optimizer_state
+from secateurs.sparse_training import (
+    WeightSnapshot,
+    drop_and_grow,
+    rescale_for_kept_fan_in_,
+    reset_optimizer_state,
+)
 from secateurs.structures import NM, STRUCTURES, Elements, GroupScores, Structure
 from secateurs.targets import Target, find_targets
 
@@ -129,8 +135,9 @@ def _nonzeros(target: Target) -> int:
 
 @dataclass
 class PruneEvent:
-    """One schedule event: when, what (``prune``, ``remask``, ``drop_grow``, ``densify``,
-    ``snapshot``, ``rewind``), the sparsity asked, and the sparsity measured afterwards."""
+    """One schedule event: when, what (``prune``, ``remask``, ``scale_init``, ``drop_grow``,
+    ``densify``, ``snapshot``, ``rewind``), the sparsity asked, and the sparsity measured
+    afterwards."""
 
     step: int
     target: float
@@ -403,6 +410,13 @@ class Pruner:
         self.densify(record=False)
         self.prune_to(event.sparsity, criterion=criterion, allocation=allocation, kind="remask")
 
+    def _on_scale_init(self, event: ScaleInit) -> None:
+        """Scale a fresh sparse initialisation for each unit's kept fan-in (rule ``rescale``)."""
+        for t in self.targets:
+            if t.mask is not None:
+                rescale_for_kept_fan_in_(t.raw, t.mask, t.transposed)
+        self._record("scale_init", self.measured_sparsity())
+
     def _on_drop_grow(self, event: DropGrow) -> None:
         self.drop_and_grow(event.fraction, event.grow)
 
@@ -629,6 +643,7 @@ class Pruner:
 _HANDLERS: dict[type, Callable[[Pruner, Any], None]] = {
     PruneTo: Pruner._on_prune_to,
     Remask: Pruner._on_remask,
+    ScaleInit: Pruner._on_scale_init,
     DropGrow: Pruner._on_drop_grow,
     Densify: Pruner._on_densify,
     Snapshot: Pruner._on_snapshot,

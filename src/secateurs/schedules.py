@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from secateurs.checks import check_fraction, check_int, check_sparsity
 from secateurs.errors import ConfigError
 from secateurs.registry import Registry
+
+#: How a sparse initialisation's kept weights are scaled (see :class:`ScaleInit`).
+INIT_RULES = ("rescale", "none")
 
 # --------------------------------------------------------------------------- events
 
@@ -44,7 +48,15 @@ class Remask:
 
     sparsity: float
     criterion: str | None = None
-    allocation: str | None = None
+    allocation: str | Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ScaleInit:
+    """Rescale the kept weights of a fresh sparse initialisation for their kept fan-in
+    (``rule``, one of :data:`INIT_RULES`)."""
+
+    rule: str
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,7 @@ class Rewind:
     """Set the surviving weights back to the snapshot (the masks stay)."""
 
 
-Event = PruneTo | Remask | DropGrow | Densify | Snapshot | Rewind
+Event = PruneTo | Remask | ScaleInit | DropGrow | Densify | Snapshot | Rewind
 
 
 class Schedule(ABC):
@@ -264,22 +276,50 @@ class Lottery(Schedule):
 @dataclass
 class _SparseInit(Schedule):
     """Shared by the schedules that train sparse from step 0: a random sparse initialisation
-    with ``distribution`` (``erk`` or ``uniform``) at step 0."""
+    at step 0, its per-layer densities by ``distribution`` (``erk`` or ``uniform``).
+
+    At 98-99% sparsity two things starve a network trained sparse from scratch (Evci et al.
+    2022, "Gradient flow in sparse neural networks"): ERK leaves the smallest layers a handful
+    of weights (LeNet-5's first convolution 2 per filter at 99%), and a dense initialisation
+    whose scale assumes every input is connected makes each unit's output shrink with its
+    density, so the signal vanishes within a few layers. ``min_fan_in``: every layer keeps on
+    average at least this many inputs per output unit (ERK only; 0 for ERK as published).
+    ``init``: ``rescale`` (default) multiplies each output unit's kept weights by
+    ``sqrt(fan_in / kept fan_in)``, which gives every unit the output variance of the dense
+    initialisation; ``none`` keeps the dense initialisation's values.
+    """
 
     distribution: str = "erk"
+    min_fan_in: float = 4.0
+    init: str = "rescale"
 
     def __post_init__(self) -> None:
+        name = type(self).__name__
         if self.distribution not in ("erk", "uniform"):
             raise ConfigError(
-                f"{type(self).__name__} distribution {self.distribution!r} is unknown; "
-                "allowed: erk, uniform"
+                f"{name} distribution {self.distribution!r} is unknown; allowed: erk, uniform"
+            )
+        value = self.min_fan_in
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{name} min_fan_in must be a number >= 0; got {value!r}")
+        if self.init not in INIT_RULES:
+            raise ConfigError(
+                f"{name} init {self.init!r} is unknown; allowed: {', '.join(INIT_RULES)}"
             )
 
     def sparsity_at(self, step: int, final: float) -> float | None:
         return final if step == 0 else None
 
     def events_at(self, step: int, final: float) -> list[Event]:
-        return [Remask(final, "random", self.distribution)] if step == 0 else []
+        if step != 0:
+            return []
+        allocation: str | dict[str, Any] = self.distribution
+        if self.distribution == "erk" and self.min_fan_in:
+            allocation = {"name": "erk", "min_fan_in": self.min_fan_in}
+        events: list[Event] = [Remask(final, "random", allocation)]
+        if self.init != "none":
+            events.append(ScaleInit(self.init))
+        return events
 
     def last_step(self, final: float | None = None) -> int:
         return 0

@@ -10,6 +10,8 @@ do more than prune further:
   the masks), restored with the current masks applied.
 * :func:`reset_optimizer_state`: a grown or rewound weight must not inherit momentum or Adam
   moments from its previous life.
+* :func:`rescale_for_kept_fan_in_`: a sparse initialisation scaled for the inputs each unit
+  actually keeps, so the signal does not vanish at high sparsity.
 """
 
 from __future__ import annotations
@@ -63,6 +65,33 @@ def drop_and_grow(
     chosen = torch.argsort(score, descending=True, stable=True)[:k]
     grown[chosen] = True
     return (kept | grown).reshape(mask.shape), grown.reshape(mask.shape)
+
+
+def rescale_for_kept_fan_in_(weight: Tensor, mask: Tensor, transposed: bool = False) -> Tensor:
+    """Multiply each output unit's kept weights by ``sqrt(fan_in / kept)`` in place.
+
+    A dense initialisation draws weights with a variance of ``c / fan_in`` so that a unit's
+    pre-activation has variance ``c`` whatever its width; masked to ``kept`` of its
+    ``fan_in`` inputs, the variance falls to ``c * kept / fan_in`` and, multiplied over the
+    layers, the forward signal and the backward gradient vanish. Rescaling per unit by its own
+    kept fan-in restores the dense initialisation's variance (Evci et al. 2022). A unit with no
+    kept input is left as it is. ``transposed``: dim 1 of ``weight`` is the output dim
+    (ConvTranspose, GPT-2's ``Conv1D``). Returns ``weight``.
+    """
+    if weight.dim() < 2:
+        return weight
+    keep = mask.to(device=weight.device, dtype=torch.bool)
+    w = weight.detach()
+    if transposed:
+        w, keep = w.transpose(0, 1), keep.transpose(0, 1)
+    rows = keep.reshape(keep.shape[0], -1)
+    fan_in = rows.shape[1]
+    kept = rows.sum(dim=1).to(weight.dtype)
+    scale = torch.where(kept > 0, (fan_in / kept.clamp(min=1)).sqrt(), torch.ones_like(kept))
+    scale = scale.reshape(-1, *([1] * (w.dim() - 1)))
+    with torch.no_grad():
+        w.mul_(scale)
+    return weight
 
 
 class WeightSnapshot:
