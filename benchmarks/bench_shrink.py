@@ -14,6 +14,7 @@ Two parts, both on this machine's CPU:
 
     python benchmarks/bench_shrink.py                  # both parts, 3 seeds
     python benchmarks/bench_shrink.py --part speed --models resnet50
+    python benchmarks/bench_shrink.py --part speed --round-to none 8 16 --explain
     python benchmarks/bench_shrink.py --quick          # a smoke test of a minute
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import platform
 import statistics
 import time
@@ -42,6 +44,8 @@ from secateurs.train import TrainConfig, train
 from secateurs.zoo import build_model
 
 TRAIN_LR = 0.05
+#: Calibration batches (of the training loader) the methods that take data read.
+CALIBRATION_BATCHES = 16
 
 
 def macs_of(model: nn.Module, example: torch.Tensor) -> int:
@@ -60,13 +64,24 @@ def classifier_of(model: nn.Module) -> list[nn.Module]:
 # --------------------------------------------------------------------------- methods
 
 
-def secateurs_method(criterion: Any, allocation: str) -> Callable[..., tuple[nn.Module, float]]:
+def secateurs_method(
+    criterion: Any, allocation: str, with_data: bool = False
+) -> Callable[..., tuple[nn.Module, float]]:
+    """``shrink`` to the MACs budget; ``with_data``: given the calibration batches, so the cut
+    is reconstructed (least-squares refit, shrink's default when data is given)."""
+
     def run(
-        model: nn.Module, example: torch.Tensor, keep: float, **_: Any
+        model: nn.Module, example: torch.Tensor, keep: float, data: Any = None, **_: Any
     ) -> tuple[nn.Module, float]:
         t0 = time.perf_counter()
         small = sc.shrink(
-            model, example, budget=sc.MACs(keep), criterion=criterion, allocation=allocation
+            model,
+            example,
+            budget=sc.MACs(keep),
+            criterion=criterion,
+            allocation=allocation,
+            data=data if with_data else None,
+            loss_fn=nn.functional.cross_entropy if with_data else None,
         )
         return small, time.perf_counter() - t0
 
@@ -116,6 +131,16 @@ METHODS: dict[str, Callable[..., tuple[nn.Module, float]]] = {
     "secateurs L2 uniform": secateurs_method({"name": "magnitude", "p": 2}, "uniform"),
     "secateurs L2 global": secateurs_method({"name": "magnitude", "p": 2}, "global"),
     "secateurs BN scale uniform": secateurs_method("bn_scale", "uniform"),
+    "secateurs L2 uniform + reconstruct": secateurs_method(
+        {"name": "magnitude", "p": 2}, "uniform", with_data=True
+    ),
+    "secateurs L2 global + reconstruct": secateurs_method(
+        {"name": "magnitude", "p": 2}, "global", with_data=True
+    ),
+    "secateurs regression uniform": secateurs_method("regression", "uniform", with_data=True),
+    "secateurs channel OBS uniform + reconstruct": secateurs_method(
+        "channel_obs", "uniform", with_data=True
+    ),
     "Torch-Pruning L2": torch_pruning_method(lambda: tp.importance.GroupMagnitudeImportance(p=2)),
     "Torch-Pruning BN scale": torch_pruning_method(lambda: tp.importance.BNScaleImportance()),
 }
@@ -144,7 +169,10 @@ def accuracy_part(args: argparse.Namespace) -> list[dict[str, Any]]:
         dense_macs = macs_of(dense, example)
         print(f"{args.model} seed {seed}: dense {dense_acc:.2%}, {dense_macs:,} MACs", flush=True)
         for name in args.methods:
-            small, seconds = METHODS[name](copy.deepcopy(dense), example, args.keep)
+            calibration = list(itertools.islice(loaders[0], CALIBRATION_BATCHES))
+            small, seconds = METHODS[name](
+                copy.deepcopy(dense), example, args.keep, data=calibration
+            )
             before = evaluate(small, loaders[1]).accuracy
             train(small, loaders[0], TrainConfig(epochs=args.epochs, lr=TRAIN_LR / 10, seed=seed))
             after = evaluate(small, loaders[1]).accuracy
@@ -195,86 +223,142 @@ def _latency(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
     return measure_latency(model, x, warmup=2, repeats=repeats).median_ms
 
 
+#: Op-time buckets of the breakdown, first match wins (profiler op names, lower case).
+OP_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("conv", ("conv",)),
+    ("linear", ("addmm", "aten::mm", "linear", "matmul", "bmm", "baddbmm")),
+    ("norm", ("batch_norm", "layer_norm")),
+    ("activation", ("relu", "hardtanh", "clamp", "gelu", "silu", "softmax")),
+    ("add", ("aten::add",)),
+    ("pool", ("pool", "aten::mean")),
+)
+
+
+def op_breakdown(model: nn.Module, x: torch.Tensor, runs: int) -> dict[str, float]:
+    """Milliseconds per forward pass by kind of op (self CPU time of the profiler's leaf
+    ops, so nothing is counted twice): which ops the time goes to, and so which follow MACs."""
+    with torch.no_grad():
+        model(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(runs):
+                model(x)
+    out = {kind: 0.0 for kind, _ in OP_KINDS} | {"other": 0.0}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        kind = next((k for k, keys in OP_KINDS if any(n in name for n in keys)), "other")
+        out[kind] += event.self_cpu_time_total / 1000.0 / runs
+    return out
+
+
+def _tp_pass(model: nn.Module, x1: torch.Tensor, name: str) -> tuple[float | None, ...]:
+    """Torch-Pruning's graph build and one prune at ``pruning_ratio=0.3``: (graph s, total s,
+    MACs after); Nones when it fails on the model (a result, not a crash)."""
+    try:
+        t0 = time.perf_counter()
+        pruner = tp.pruner.MetaPruner(
+            copy.deepcopy(model), x1, importance=tp.importance.GroupMagnitudeImportance(p=2),
+            pruning_ratio=0.3, ignored_layers=classifier_of(model),
+        )  # fmt: skip
+        graph_s = time.perf_counter() - t0
+        pruner.step()
+        return graph_s, time.perf_counter() - t0, macs_of(pruner.model, x1)
+    except Exception as exc:
+        print(f"{name}: Torch-Pruning failed: {type(exc).__name__}: {exc}", flush=True)
+        return None, None, None
+
+
 def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per model: the dense model and one shrunk copy per ``--round-to`` value, timed in
+    interleaved rounds so all see the same machine load."""
     rows: list[dict[str, Any]] = []
     for name in args.models:
         build, shape, big = SPEED_MODELS[name]
         torch.manual_seed(0)
         model = build().eval()
         x1 = torch.randn(1, *shape)
+        xb = torch.randn(big, *shape)
         dense_macs = macs_of(model, x1)
         t0 = time.perf_counter()
         graph = build_graph(model, x1)
         graph_s = time.perf_counter() - t0
         keep = args.keep
-        try:
-            small = sc.shrink(model, x1, budget=sc.MACs(keep))
-        except sc.BudgetError as exc:
-            print(f"{name}: {exc}", flush=True)
-            keep = 0.8
-            small = sc.shrink(model, x1, budget=sc.MACs(keep))
-        report = sc.report_of(small, sc.ShrinkReport)
-        t_tp = None
-        tp_graph_s = None
-        tp_macs = None
-        try:
-            t0 = time.perf_counter()
-            pruner = tp.pruner.MetaPruner(
-                copy.deepcopy(model), x1, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                pruning_ratio=0.3, ignored_layers=classifier_of(model),
-            )  # fmt: skip
-            tp_graph_s = time.perf_counter() - t0
-            pruner.step()
-            t_tp = time.perf_counter() - t0
-            tp_macs = macs_of(pruner.model, x1)
-        except Exception as exc:  # a peer failing on a model is a result, not a crash
-            print(f"{name}: Torch-Pruning failed: {type(exc).__name__}: {exc}", flush=True)
-        small_macs = macs_of(small, x1)
-        lat: dict[str, list[float]] = {
-            "dense_1": [],
-            "small_1": [],
-            "dense_big": [],
-            "small_big": [],
-        }
-        xb = torch.randn(big, *shape)
-        for _ in range(args.rounds):  # interleaved rounds: both see the same machine load
+        variants: dict[int | None, nn.Module] = {}
+        for round_to in args.round_to:
+            try:
+                variants[round_to] = sc.shrink(model, x1, budget=sc.MACs(keep), round_to=round_to)
+            except sc.BudgetError as exc:
+                print(f"{name}: {exc}", flush=True)
+                keep = 0.8
+                variants[round_to] = sc.shrink(model, x1, budget=sc.MACs(keep), round_to=round_to)
+        tp_graph_s, t_tp, tp_macs = _tp_pass(model, x1, name)
+        lat: dict[str, list[float]] = {"dense_1": [], "dense_big": []}
+        for r in variants:
+            lat[f"small_1_{r}"], lat[f"small_big_{r}"] = [], []
+        for _ in range(args.rounds):
             lat["dense_1"].append(_latency(model, x1, args.repeats))
-            lat["small_1"].append(_latency(small, x1, args.repeats))
             lat["dense_big"].append(_latency(model, xb, max(3, args.repeats // 4)))
-            lat["small_big"].append(_latency(small, xb, max(3, args.repeats // 4)))
+            for r, small in variants.items():
+                lat[f"small_1_{r}"].append(_latency(small, x1, args.repeats))
+                lat[f"small_big_{r}"].append(_latency(small, xb, max(3, args.repeats // 4)))
         med = {k: statistics.median(v) for k, v in lat.items()}
-        reduction = dense_macs / small_macs
-        row = {
-            "part": "speed",
-            "model": name,
-            "input": list(shape),
-            "large_batch": big,
-            "keep": keep,
-            "dense_macs": dense_macs,
-            "macs": small_macs,
-            "dense_params": params_of(model),
-            "params": params_of(small),
-            "graph_seconds": graph_s,
-            "groups": len(graph.prunable_groups),
-            "shrink_seconds": report.seconds,
-            "torch_pruning_graph_seconds": tp_graph_s,
-            "torch_pruning_seconds": t_tp,
-            "torch_pruning_macs_at_ratio_0.3": tp_macs,
-            "latency_ms": med,
-            "speedup_batch1": med["dense_1"] / med["small_1"],
-            "speedup_large_batch": med["dense_big"] / med["small_big"],
-            "macs_reduction": reduction,
-            "limit_fraction_batch1": med["dense_1"] / med["small_1"] / reduction,
-            "limit_fraction_large_batch": med["dense_big"] / med["small_big"] / reduction,
-        }
-        rows.append(row)
-        print(
-            f"{name:<13} MACs x{reduction:.2f}  graph {graph_s:.2f} s  shrink {report.seconds:.2f} s  "
-            f"(TP graph+prune {t_tp if t_tp is None else round(t_tp, 2)} s)  "
-            f"batch 1 x{row['speedup_batch1']:.2f}  batch {big} x{row['speedup_large_batch']:.2f} "
-            f"({row['limit_fraction_large_batch']:.2f} of the limit)",
-            flush=True,
-        )
+        dense_ops = op_breakdown(model, xb, 3) if args.explain else None
+        for r, small in variants.items():
+            report = sc.report_of(small, sc.ShrinkReport)
+            small_macs = macs_of(small, x1)
+            reduction = dense_macs / small_macs
+            s1, sb = med[f"small_1_{r}"], med[f"small_big_{r}"]
+            row = {
+                "part": "speed",
+                "model": name,
+                "round_to": r,
+                "input": list(shape),
+                "large_batch": big,
+                "keep": keep,
+                "dense_macs": dense_macs,
+                "macs": small_macs,
+                "dense_params": params_of(model),
+                "params": params_of(small),
+                "graph_seconds": graph_s,
+                "groups": len(graph.prunable_groups),
+                "shrink_seconds": report.seconds,
+                "torch_pruning_graph_seconds": tp_graph_s,
+                "torch_pruning_seconds": t_tp,
+                "torch_pruning_macs_at_ratio_0.3": tp_macs,
+                "latency_ms": {
+                    "dense_1": med["dense_1"],
+                    "dense_big": med["dense_big"],
+                    "small_1": s1,
+                    "small_big": sb,
+                },
+                "speedup_batch1": med["dense_1"] / s1,
+                "speedup_large_batch": med["dense_big"] / sb,
+                "macs_reduction": reduction,
+                "limit_fraction_batch1": med["dense_1"] / s1 / reduction,
+                "limit_fraction_large_batch": med["dense_big"] / sb / reduction,
+            }
+            if dense_ops is not None:
+                row["op_ms_dense"] = dense_ops
+                row["op_ms_small"] = op_breakdown(small, xb, 3)
+            rows.append(row)
+            print(
+                f"{name:<13} round_to {r!s:<5} MACs x{reduction:.2f}  graph {graph_s:.2f} s  "
+                f"shrink {report.seconds:.2f} s  (TP graph+prune "
+                f"{t_tp if t_tp is None else round(t_tp, 2)} s)  "
+                f"batch 1 x{row['speedup_batch1']:.2f} ({row['limit_fraction_batch1']:.2f})  "
+                f"batch {big} x{row['speedup_large_batch']:.2f} "
+                f"({row['limit_fraction_large_batch']:.2f} of the limit)",
+                flush=True,
+            )
+            if dense_ops is not None:
+                print("    op kind      dense ms   small ms   speedup   share of dense")
+                total = sum(dense_ops.values())
+                for kind, ms in dense_ops.items():
+                    sm = row["op_ms_small"][kind]
+                    if ms > 0.005 * total:
+                        print(
+                            f"    {kind:<11}{ms:>10.1f}{sm:>11.1f}{ms / max(sm, 1e-9):>9.2f}x"
+                            f"{ms / total:>11.0%}"
+                        )
     return rows
 
 
@@ -317,6 +401,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, data subsets, 1 round")
     parser.add_argument(
         "--train-limit", type=int, default=None, help="train on the first N examples only"
+    )
+    parser.add_argument(
+        "--round-to",
+        nargs="+",
+        type=lambda v: None if v == "none" else int(v),
+        default=[None],
+        help="speed part: shrink once per value (kept widths rounded up; 'none' = exact)",
+    )
+    parser.add_argument(
+        "--explain", action="store_true", help="speed part: profile op time by kind of op"
     )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

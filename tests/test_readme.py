@@ -92,6 +92,13 @@ def test_the_shrink_program_halves_the_macs_and_the_file_reloads(
     example = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(example), small.eval()(example))
+    # with calibration data the same cut is refitted toward the dense model's outputs
+    model, rebuilt = namespace["model"].eval(), namespace["rebuilt"].eval()
+    assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in small.parameters()]
+    x = torch.cat([xb for xb, _ in namespace["calib_loader"]])
+    with torch.no_grad():
+        dense = model(x)
+        assert (rebuilt(x) - dense).norm() < 0.5 * (small(x) - dense).norm()
 
 
 def test_the_search_program_meets_the_budget(namespace: dict[str, Any]) -> None:

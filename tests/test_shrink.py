@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import secateurs as sc
 from helpers import shrunk
 from secateurs import cli
+from secateurs.calibration import recalibrate_batchnorm_
 from secateurs.graph import mask_plan_
 from secateurs.metrics import profile
 from secateurs.pipeline import load_model_from_checkpoint
@@ -306,10 +307,106 @@ def test_unknown_ops_keep_their_channels_and_are_reported_or_refused_when_strict
         sc.shrink(model, X[:1], budget=sc.Sparsity(0.2), strict=True)
 
 
-@pytest.mark.parametrize("name", ["bn_scale", "apoz", "mean_activation", "fpgm", "regression"])
+@pytest.mark.parametrize(
+    "name", ["bn_scale", "apoz", "mean_activation", "fpgm", "regression", "channel_obs"]
+)
 def test_channel_criteria_are_refused_for_masks_with_a_pointer_to_shrink(name: str) -> None:
     model = vgg()
     before = state_copy(model)
     with pytest.raises(sc.ConfigError, match=r"sc\.shrink"):
         sc.prune_(model, sparsity=0.5, criterion=name)
+    assert same_state(model, before)
+
+
+# ------------------------------------------------------------------------- reconstruction
+
+
+def _batches(n: int, seed: int, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(32, 1, 28, 28, generator=g) for _ in range(n)]
+    with torch.no_grad():
+        return [(x, model(x).argmax(1)) for x in xs]
+
+
+def _relative_error(small: nn.Module, dense: nn.Module, batches: list[Any]) -> float:
+    with torch.no_grad():
+        num = sum(float((small(x) - dense(x)).square().sum()) for x, _ in batches)
+        den = sum(float(dense(x).square().sum()) for x, _ in batches)
+    return num / den
+
+
+@pytest.mark.parametrize("make", [vgg, resnet], ids=["vgg-bn", "resnet-20"])
+def test_reconstruction_brings_the_outputs_back_toward_the_dense_model(make: Any) -> None:
+    model = make()
+    calib, held_out = _batches(4, 0, model), _batches(2, 1, model)
+    recalibrate_batchnorm_(model, calib + held_out)  # statistics of its data, as when trained
+    before = state_copy(model)
+    plain = sc.shrink(model, X[:1], sc.MACs(0.5), data=calib, reconstruct=False)
+    rebuilt = sc.shrink(model, X[:1], sc.MACs(0.5), data=calib)  # on by default with data
+    assert same_state(model, before)
+    assert conv_widths(plain) == conv_widths(rebuilt)  # the same channels are cut
+    # re-estimating BatchNorm alone is not the reconstruction: it does less
+    stats_only = copy.deepcopy(plain)
+    recalibrate_batchnorm_(stats_only, calib)
+    err_plain = _relative_error(plain, model, held_out)
+    err_stats = _relative_error(stats_only, model, held_out)
+    err_rebuilt = _relative_error(rebuilt, model, held_out)
+    assert err_rebuilt < 0.5 * err_plain, (err_plain, err_stats, err_rebuilt)
+    assert err_rebuilt < err_stats, (err_plain, err_stats, err_rebuilt)
+
+
+def test_reconstruction_reestimates_batchnorm_only_after_a_layer_it_could_not_refit() -> None:
+    # a Conv3d that loses input channels is not refitted (im2col here is 1-D and 2-D): the
+    # BatchNorm after it gets statistics of the calibration batches; the one after the first
+    # convolution (no input cut, its kept outputs unchanged) keeps the original statistics.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv3d(1, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(),
+        nn.Conv3d(8, 6, 3, padding=1), nn.BatchNorm3d(6), nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(6, 4),
+    ).eval()  # fmt: skip
+    data = [(torch.randn(8, 1, 6, 6, 6), torch.zeros(8, dtype=torch.long)) for _ in range(3)]
+    recalibrate_batchnorm_(model, data)
+    small = sc.shrink(model, data[0][0][:1], sc.Sparsity(0.5), data=data)
+    removed = sc.report_of(small, sc.ShrinkReport).plan.removed
+    kept = [i for i in range(8) if i not in removed["0.weight"][0]]
+    assert torch.equal(small[1].running_mean, model[1].running_mean[kept])
+    assert torch.equal(small[1].running_var, model[1].running_var[kept])
+    fresh = copy.deepcopy(small)
+    recalibrate_batchnorm_(fresh, data, only=[fresh[4]])
+    assert torch.allclose(small[4].running_mean, fresh[4].running_mean, atol=1e-6)
+    assert torch.allclose(small[4].running_var, fresh[4].running_var, atol=1e-6)
+    kept4 = [i for i in range(6) if i not in removed["3.weight"][0]]
+    assert not torch.allclose(small[4].running_mean, model[4].running_mean[kept4], atol=1e-3)
+
+
+def test_reconstruction_is_the_least_squares_refit_of_the_layer_that_reads_the_cut() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x = torch.randn(64, 8)
+    data = [
+        (x[:32], torch.zeros(32, dtype=torch.long)),
+        (x[32:], torch.zeros(32, dtype=torch.long)),
+    ]
+    small = sc.shrink(model, x[:1], sc.Sparsity(0.5), data=data, reconstruct_samples=64)
+    removed = sc.report_of(small, sc.ShrinkReport).plan.removed["0.weight"][0]
+    kept = [i for i in range(6) if i not in removed]
+    with torch.no_grad():
+        hidden = model[1](model[0](x))[:, kept].double()
+        target = (model[2](model[1](model[0](x))) - model[2].bias).double()
+        expected = torch.linalg.lstsq(hidden, target).solution.T
+    assert torch.allclose(small[2].weight.double(), expected, atol=1e-4)
+    assert torch.equal(small[2].bias, model[2].bias)  # biases stay
+    assert torch.equal(small[0].weight, model[0].weight[kept])  # no cut input: not refitted
+
+
+def test_reconstruction_options_are_checked_and_nothing_changes() -> None:
+    model = vgg()
+    before = state_copy(model)
+    with pytest.raises(sc.ConfigError, match=r"reconstruct=True refits layers on calibration"):
+        sc.shrink(model, X[:1], sc.MACs(0.5), reconstruct=True)
+    with pytest.raises(sc.ConfigError, match="reconstruct must be true, false or null"):
+        sc.shrink(model, X[:1], sc.MACs(0.5), reconstruct="yes")
+    with pytest.raises(sc.ConfigError, match="reconstruct_samples"):
+        sc.shrink(model, X[:1], sc.MACs(0.5), data=_batches(1, 0, model), reconstruct_samples=0)
     assert same_state(model, before)

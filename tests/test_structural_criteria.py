@@ -1,4 +1,5 @@
-"""Channel criteria (``bn_scale``, ``apoz``, ``mean_activation``, ``fpgm``, ``regression``):
+"""Channel criteria (``bn_scale``, ``apoz``, ``mean_activation``, ``fpgm``, ``regression``,
+``channel_obs``):
 each ranks lowest the channel it should, the regression refit reconstructs the consumer's
 output, element criteria score channels too, and bad input is refused by name."""
 
@@ -22,16 +23,17 @@ from secateurs.criteria import (
     APoZ,
     BNScale,
     ChannelContext,
+    ChannelOBS,
     MeanActivation,
     Regression,
     channel_scores,
 )
-from secateurs.criteria.structural import im2col
+from secateurs.criteria.structural import im2col, im2col_count, im2col_rows
 from secateurs.graph import apply_plan_, build_graph, plan_from_removed
 from secateurs.graph.groups import ChannelGraph
 from secateurs.train.regularizers import BNL1
 
-NEW = ["bn_scale", "apoz", "mean_activation", "fpgm", "regression"]
+NEW = ["bn_scale", "apoz", "mean_activation", "fpgm", "regression", "channel_obs"]
 
 
 class Net(nn.Module):
@@ -266,6 +268,12 @@ def test_im2col_rows_times_the_weight_give_the_layer_output(layer: nn.Module) ->
             out = (out - layer.bias.reshape(1, -1, *[1] * (out.dim() - 2))).movedim(1, -1)
         rows = im2col(layer, x) @ layer.weight.reshape(4, -1).T
     torch.testing.assert_close(rows, out.reshape(-1, 4))
+    # drawn rows gathered directly are those rows of the whole unfolding, in order
+    total = im2col_count(layer, x)
+    assert total == rows.shape[0]
+    pick = torch.randperm(total, generator=torch.Generator().manual_seed(1))[:7].sort().values
+    assert torch.equal(im2col_rows(layer, x, pick), im2col(layer, x)[pick])
+    assert torch.equal(im2col_rows(layer, x, None), im2col(layer, x))
 
 
 def redundant_mlp() -> nn.Sequential:
@@ -357,6 +365,50 @@ def test_regression_is_reproducible_for_a_seed() -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _refit_error(x: Tensor, y: Tensor, keep: list[int]) -> float:
+    """Least-squares residual of ``y`` from the ``keep`` columns of ``x``."""
+    if not keep:
+        return float(y.square().sum())
+    sol = torch.linalg.lstsq(x[:, keep], y).solution
+    return float((y - x[:, keep] @ sol).square().sum())
+
+
+def test_channel_obs_is_exact_greedy_least_squares_removal_on_a_linear_reader() -> None:
+    """Without dampening and with more samples than inputs, each step removes the hidden
+    unit whose removal leaves the smallest least-squares refit error of the reader's output,
+    and the score is that error over the output energy, accumulated."""
+    model = mlp(3)
+    scores = by_name(context(model, XM, YM), {"name": "channel_obs", "dampening": 0.0})["0"]
+    with torch.no_grad():
+        x = torch.relu(model[0](XM)).to(torch.float64)
+        w = model[2].weight.to(torch.float64)
+    y = x @ w.T
+    energy = float(y.square().sum())
+    order = torch.argsort(scores).tolist()
+    gone: list[int] = []
+    for c in order[:-1]:
+        keep = [i for i in range(6) if i not in gone]
+        errors = {d: _refit_error(x, y, [i for i in keep if i != d]) for d in keep}
+        assert errors[c] == pytest.approx(min(errors.values()), rel=1e-6, abs=1e-9)
+        gone.append(c)
+        assert float(scores[c]) == pytest.approx(errors[c] / energy, rel=1e-4, abs=1e-6)
+
+
+def test_channel_obs_removes_a_duplicated_unit_first_where_magnitude_keeps_it() -> None:
+    """Hidden unit 5 is a copy of unit 0, and the reader's weights on it are large: the
+    reader can take over either copy's contribution through the other, so one of them goes
+    first nearly free (only the dampening charges it), though magnitude ranks unit 5 the most important."""
+    model = mlp()
+    with torch.no_grad():
+        model[0].weight[5] = model[0].weight[0]
+        model[0].bias[5] = model[0].bias[0]
+        model[2].weight[:, 5] *= 10.0
+    scores = by_name(context(model, XM, YM), "channel_obs")["0"]
+    assert lowest(scores) <= {0, 5}
+    assert float(scores.min()) < 0.1 * float(scores.sort().values[1])  # nearly free
+    assert int(by_name(context(model, XM, YM), "magnitude")["0"].argmax()) == 5
+
+
 # -- element criteria, data, options ---------------------------------------------------------
 
 
@@ -370,7 +422,7 @@ def test_element_criteria_give_one_finite_score_per_channel(name: str) -> None:
         assert bool(torch.isfinite(scores[g.index]).all())
 
 
-@pytest.mark.parametrize("criterion", [APoZ(), MeanActivation(), Regression()])
+@pytest.mark.parametrize("criterion", [APoZ(), MeanActivation(), Regression(), ChannelOBS()])
 def test_data_driven_criteria_without_data_are_a_config_error(criterion: Any) -> None:
     ctx = context(net(), X)
     with pytest.raises(sc.ConfigError, match="data"):
@@ -388,6 +440,9 @@ def test_data_driven_criteria_without_data_are_a_config_error(criterion: Any) ->
         ({"name": "regression", "samples": 0}, "samples"),
         ({"name": "regression", "samples": True}, "samples"),
         ({"name": "regression", "samples": 2.5}, "2.5"),
+        ({"name": "channel_obs", "samples": 0}, "samples"),
+        ({"name": "channel_obs", "dampening": 1.5}, "dampening"),
+        ({"name": "channel_obs", "dampening": True}, "dampening"),
         ({"name": "fpgm", "p": 1}, "'p'"),
         ({"name": "bn_scale", "norm": "bn"}, "'norm'"),
     ],

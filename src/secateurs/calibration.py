@@ -4,9 +4,10 @@ Gradients are taken with ``torch.autograd.grad`` with respect to the targets' ra
 so the user's ``.grad`` fields, optimizer and BatchNorm running statistics are left untouched
 (the model runs in eval mode and is put back in its previous mode afterwards).
 
-:func:`batchnorm_recalibrated` re-estimates BatchNorm running statistics of a pruned model on
-calibration batches for the duration of a block (adaptive BatchNorm), so that a candidate is
-scored as it would be after fine-tuning starts, not with the dense model's statistics.
+:func:`recalibrate_batchnorm_` re-estimates BatchNorm running statistics of a pruned model on
+calibration batches (adaptive BatchNorm; ``shrink``'s reconstruction keeps them), and
+:func:`batchnorm_recalibrated` does so for the duration of a block, so that a search's candidate
+is scored as it would be after fine-tuning starts, not with the dense model's statistics.
 """
 
 from __future__ import annotations
@@ -131,32 +132,30 @@ def _batch_gradients(
         raise DataError("calibration data is empty: the loader yielded no batch")
 
 
-@contextmanager
-def batchnorm_recalibrated(model: nn.Module, data: Iterable[Any]) -> Iterator[nn.Module]:
-    """``model`` with its BatchNorm running statistics re-estimated on ``data``, until the
-    block ends (then the statistics, momenta and modes are put back exactly).
-
-    Removing channels or weights shifts the distribution each BatchNorm layer normalises; with
-    the dense model's statistics a pruned VGG scores near chance before any training, and the
-    scores of different candidates stop saying which one will recover best. Re-estimating the
-    statistics, with no gradient step, restores that link (adaptive BatchNorm, Li et al. 2020,
-    "EagleEye"). Each BatchNorm layer is reset and averaged cumulatively (``momentum=None``)
-    over every batch of ``(inputs, labels)`` pairs in ``data``, with
-    only the BatchNorm layers in training mode (dropout stays off). A model without
-    BatchNorm (or with ``track_running_stats=False``) is yielded unchanged.
-    """
-    norms = [
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [
         m
         for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
     ]
+
+
+def recalibrate_batchnorm_(
+    model: nn.Module, data: Iterable[Any], only: Iterable[nn.Module] | None = None
+) -> nn.Module:
+    """Re-estimate ``model``'s BatchNorm running statistics on ``data`` in place; return it.
+
+    Each BatchNorm layer (of ``only``, when given; the others keep theirs and run in eval
+    mode) is reset and averaged cumulatively over every batch of ``(inputs, labels)`` pairs in
+    ``data``, with only those layers in training mode (dropout stays off) and no gradient;
+    momenta and modes are put back afterwards. A model without BatchNorm (or with
+    ``track_running_stats=False``) is returned unchanged.
+    """
+    chosen = None if only is None else {id(m) for m in only}
+    norms = [m for m in _batchnorms(model) if chosen is None or id(m) in chosen]
     if not norms:
-        yield model
-        return
-    saved = [
-        (m, m.momentum, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)})
-        for m in norms
-    ]
+        return model
+    momenta = [m.momentum for m in norms]
     device = device_of(model)
     try:
         with EvalMode(model), torch.no_grad():
@@ -174,10 +173,31 @@ def batchnorm_recalibrated(model: nn.Module, data: Iterable[Any]) -> Iterator[nn
                     "BatchNorm recalibration needs at least one (inputs, labels) batch; the "
                     "calibration data yielded none"
                 )
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+    return model
+
+
+@contextmanager
+def batchnorm_recalibrated(model: nn.Module, data: Iterable[Any]) -> Iterator[nn.Module]:
+    """``model`` with its BatchNorm running statistics re-estimated on ``data`` (see
+    :func:`recalibrate_batchnorm_`), until the block ends (then the statistics, momenta and
+    modes are put back exactly).
+
+    Removing channels or weights shifts the distribution each BatchNorm layer normalises; with
+    the dense model's statistics a pruned VGG scores near chance before any training, and the
+    scores of different candidates stop saying which one will recover best. Re-estimating the
+    statistics, with no gradient step, restores that link (adaptive BatchNorm, Li et al. 2020,
+    "EagleEye").
+    """
+    norms = _batchnorms(model)
+    saved = [(m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)}) for m in norms]
+    try:
+        recalibrate_batchnorm_(model, data)
         yield model
     finally:
         with torch.no_grad():
-            for m, momentum, buffers in saved:
-                m.momentum = momentum
+            for m, buffers in saved:
                 for k, b in m.named_buffers(recurse=False):
                     b.copy_(buffers[k])

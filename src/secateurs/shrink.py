@@ -10,7 +10,9 @@ The steps are the axes of the design, each a separate piece:
 4. search the amount so the budget is met: a channel fraction (:class:`~secateurs.Sparsity`),
    a parameter count (:class:`~secateurs.Params`) or MACs (:class:`~secateurs.MACs`), counted
    from the graph without running the model, by bisection;
-5. surgery on a copy: the caller's model is never changed.
+5. surgery on a copy: the caller's model is never changed;
+6. with data, reconstruction without training: the layers that read a cut group refitted by
+   least squares to the original outputs, BatchNorm statistics re-estimated.
 
 ``steps > 1`` prunes iteratively, calling ``finetune(model, step)`` between steps so accuracy
 can recover before the next cut.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import re
 import time
@@ -32,7 +35,7 @@ from torch import Tensor, nn
 
 from secateurs.allocation import LayerMap
 from secateurs.budgets import BUDGETS, Budget, Bytes, Latency, MACs, Params, Sparsity
-from secateurs.calibration import CALIBRATION_BATCHES, LossFn
+from secateurs.calibration import CALIBRATION_BATCHES, LossFn, recalibrate_batchnorm_
 from secateurs.checks import check_int, option
 from secateurs.criteria import (
     CRITERIA,
@@ -42,6 +45,7 @@ from secateurs.criteria import (
     Magnitude,
     channel_scores,
 )
+from secateurs.criteria.structural import refit_readers
 from secateurs.errors import BudgetError, ConfigError, SecateursError
 from secateurs.graph.groups import ChannelGraph, ChannelGroup, build_graph
 from secateurs.graph.latency import LatencyTable
@@ -54,6 +58,9 @@ from secateurs.selection import Candidate, Selection, Selector, compile_selector
 StructuralBudget = Sparsity | Params | MACs | Bytes | Latency
 ALLOCATIONS = ("uniform", "global")
 SEARCH_STEPS = 30
+#: Positions drawn from the calibration batches for each layer's least-squares refit.
+RECONSTRUCT_SAMPLES = 4096
+REFITTED_KEY = "shrink.refitted"
 
 
 @dataclass
@@ -359,6 +366,13 @@ class ShrinkConfig:
     * ``calibration_batches``: batches a data-driven criterion reads. ``seed``: random ones.
     * ``strict``: an op without a channel rule is an error, and so is a group a channel
       criterion cannot measure (instead of scoring it by L2 magnitude, reported).
+    * ``reconstruct``: compensate for the cut without training. Every layer that reads a cut
+      group is refitted by least squares, in forward order, so that its output on the kept
+      inputs matches the original model's output (ThiNet's refit, at ``reconstruct_samples``
+      positions drawn from the calibration batches), and after surgery the BatchNorm
+      statistics are re-estimated on those batches. ``None`` (the default): on when ``data``
+      is given; ``True`` without data is an error. A criterion that refits by itself
+      (``regression``) is not refitted twice.
     """
 
     criterion: Criterion | str | Mapping[str, Any] | None = None
@@ -370,6 +384,8 @@ class ShrinkConfig:
     calibration_batches: int = CALIBRATION_BATCHES
     seed: int = 0
     strict: bool = False
+    reconstruct: bool | None = None
+    reconstruct_samples: int = RECONSTRUCT_SAMPLES
 
     def __post_init__(self) -> None:
         with option("allocation"):
@@ -389,6 +405,14 @@ class ShrinkConfig:
         with option("strict"):
             if not isinstance(self.strict, bool):
                 raise ConfigError(f"strict must be true or false; got {self.strict!r}")
+        with option("reconstruct"):
+            if self.reconstruct is not None and not isinstance(self.reconstruct, bool):
+                raise ConfigError(
+                    f"reconstruct must be true, false or null (on when data is given); "
+                    f"got {self.reconstruct!r}"
+                )
+        with option("reconstruct_samples"):
+            check_int(self.reconstruct_samples, "reconstruct_samples", 1)
         for key in ("include", "exclude"):
             with option(key):
                 compile_selectors(getattr(self, key), key)
@@ -468,8 +492,12 @@ def _plan(
     measure = channel_measure(budget, graph, model, example_inputs)
     assert cfg.allocation_ is not None, "a recipe section's search runs before plan_shrink"
     removed = _search(cands, measure, cfg.allocation_, cfg.round_to)
-    if isinstance(cfg.criterion_, ChannelCriterion) and removed:
-        cfg.criterion_.refit(ctx, removed)
+    if removed:
+        criterion = cfg.criterion_
+        if isinstance(criterion, ChannelCriterion) and criterion.refits:
+            criterion.refit(ctx, removed)
+        elif _reconstructs(cfg, data):
+            ctx.cache[REFITTED_KEY] = refit_readers(ctx, removed, cfg.reconstruct_samples)
     return plan_from_removed(graph, removed), graph, removed, ctx
 
 
@@ -530,9 +558,11 @@ def shrink(
     ``sc.Latency`` bound the stored bytes and the latency measured on this machine (predicted
     by a per-layer look-up table). How channels are chosen is a :class:`ShrinkConfig`, given as
     keywords (``criterion``, ``allocation``, ``max_ratio``, ``round_to``, ``include``,
-    ``exclude``, ``calibration_batches``, ``seed``, ``strict``) or as ``config=``.
-    Data-driven criteria need ``data`` (batches of ``(inputs, labels)``) and, for gradients,
-    ``loss_fn``. ``steps > 1`` cuts in equal steps, calling ``finetune(model, step)`` between
+    ``exclude``, ``calibration_batches``, ``seed``, ``strict``, ``reconstruct``,
+    ``reconstruct_samples``) or as ``config=``. Data-driven criteria need ``data`` (batches
+    of ``(inputs, labels)``) and, for gradients, ``loss_fn``; with ``data`` the cut is also
+    reconstructed (least-squares refit of the layers reading cut channels, BatchNorm
+    statistics re-estimated) unless ``reconstruct=False``. ``steps > 1`` cuts in equal steps, calling ``finetune(model, step)`` between
     them (a ratio map is applied in one step).
 
     The copy is a plain module of the same classes with fewer channels. What was done is
@@ -546,6 +576,11 @@ def shrink(
     check_int(steps, "steps", 1)
     if isinstance(config.allocation_, LayerMap) and steps > 1:
         raise ConfigError("a ratio map is applied in one step: use steps=1 with it")
+    if config.reconstruct and data is None:
+        raise ConfigError(
+            "reconstruct=True refits layers on calibration data: pass data=<a DataLoader of "
+            "(inputs, labels)>, or reconstruct=False"
+        )
     budget = _budget(budget)
     start = time.perf_counter()
     small = copy.deepcopy(model)
@@ -556,7 +591,7 @@ def shrink(
     last_graph, removed = graph0, dict[int, Tensor]()
     fallbacks: list[str] = []
     for step in range(1, steps + 1):
-        step_plan, last_graph, removed, step_fallbacks = _plan_step(
+        step_plan, last_graph, removed, step_fallbacks, refitted = _plan_step(
             small,
             example_inputs,
             _step_budget(budget, step, steps, measure0) if measure0 else budget,
@@ -567,6 +602,12 @@ def shrink(
         )
         fallbacks += step_fallbacks
         apply_plan_(small, step_plan)
+        if _reconstructs(config, data):
+            assert data is not None
+            norms = _unreconstructed_batchnorms(small, example_inputs, step_plan, refitted)
+            if norms:
+                batches = itertools.islice(data, config.calibration_batches)
+                recalibrate_batchnorm_(small, batches, only=norms)
         plan = step_plan if step == 1 else plan.merged(step_plan, shapes)
         out = check_forward(small, lambda: run_example(small, example_inputs), f"step {step}")
         _check_outputs(graph0.output_shapes, out)
@@ -590,6 +631,59 @@ def shrink(
         ),
     )
     return small
+
+
+def _unreconstructed_batchnorms(
+    model: nn.Module, example_inputs: Inputs, plan: ChannelPlan, refitted: set[str]
+) -> list[nn.Module]:
+    """The BatchNorm layers that read the output of a layer which lost input channels, mixes
+    channels (not a depthwise convolution) and was not refitted: their statistics no longer
+    hold. A refitted layer's outputs match the original ones, so its BatchNorm keeps the
+    original statistics (re-estimating them would undo the least-squares fit's shrinkage and
+    compound down the network: measured, a ResNet-20 at half the MACs went from 0.025 to 0.74
+    relative output error)."""
+    readers: list[nn.Module] = []
+    for name, module in model.named_modules():
+        if name in refitted or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            continue
+        in_dim = 0 if isinstance(module, nn.modules.conv._ConvNd) and module.transposed else 1
+        cut = in_dim in plan.removed.get(f"{name}.weight" if name else "weight", {})
+        groups = getattr(module, "groups", 1)
+        depthwise = groups > 1 and groups == getattr(module, "in_channels", 0)
+        if cut and not depthwise:
+            readers.append(module)
+    if not readers:
+        return []
+    outputs: dict[int, Tensor] = {}  # kept alive, so that an id is not reused
+    found: list[nn.Module] = []
+
+    def produced(module: nn.Module, args: Any, out: Any) -> None:
+        if isinstance(out, Tensor):
+            outputs[id(out)] = out
+
+    def reads(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0] if args else None
+        if isinstance(x, Tensor) and id(x) in outputs and module not in found:
+            found.append(module)
+
+    handles = [m.register_forward_hook(produced) for m in readers]
+    handles += [
+        m.register_forward_pre_hook(reads)
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    try:
+        with torch.no_grad():
+            run_example(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def _reconstructs(config: ShrinkConfig, data: Iterable[Any] | None) -> bool:
+    """Whether a cut is reconstructed: ``reconstruct``, or (when it is None) data given."""
+    return data is not None and config.reconstruct is not False
 
 
 def by_name(config: ShrinkConfig, model: nn.Module) -> ShrinkConfig:
@@ -623,11 +717,12 @@ def _plan_step(
     data: Iterable[Any] | None,
     loss_fn: LossFn | None,
     graph: ChannelGraph | None,
-) -> tuple[ChannelPlan, ChannelGraph, dict[int, Tensor], list[str]]:
-    """One cut: :func:`plan_shrink`, and the groups its criterion could not measure."""
+) -> tuple[ChannelPlan, ChannelGraph, dict[int, Tensor], list[str], set[str]]:
+    """One cut: :func:`plan_shrink`, the groups its criterion could not measure and the layers
+    reconstruction refitted."""
     config = dataclasses.replace(config)  # a fresh criterion object and context per step
     plan, graph_, removed, ctx = _plan(model, example_inputs, budget, config, data, loss_fn, graph)
-    return plan, graph_, removed, list(ctx.fallbacks)
+    return plan, graph_, removed, list(ctx.fallbacks), ctx.cache.get(REFITTED_KEY, set())
 
 
 def plan_channel_count(graph: ChannelGraph, plan: ChannelPlan) -> int:

@@ -6,7 +6,14 @@ from secateurs.criteria.gradient import OBD, Taylor
 from secateurs.criteria.layerwise import OBS, LayerwiseCriterion, SparseGPT, Wanda
 from secateurs.criteria.magnitude import Magnitude, Random
 from secateurs.criteria.movement import Movement
-from secateurs.criteria.structural import FPGM, APoZ, BNScale, MeanActivation, Regression
+from secateurs.criteria.structural import (
+    FPGM,
+    APoZ,
+    BNScale,
+    ChannelOBS,
+    MeanActivation,
+    Regression,
+)
 
 __all__ = [
     "CRITERIA",
@@ -17,6 +24,7 @@ __all__ = [
     "BNScale",
     "ChannelContext",
     "ChannelCriterion",
+    "ChannelOBS",
     "Criterion",
     "LayerwiseCriterion",
     "Magnitude",

@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -76,8 +76,10 @@ def per_channel(member: Member, values: Tensor, size: int) -> Tensor:
 
 
 def reduce_to_dim(t: Tensor, dim: int) -> Tensor:
-    """Sum ``t`` over every dimension except ``dim``: one value per position of ``dim``."""
-    return t.movedim(dim, 0).reshape(t.shape[dim], -1).sum(dim=1)
+    """Sum ``t`` over every dimension except ``dim``: one value per position of ``dim``
+    (a reduction in place, not a transposed copy of a whole weight)."""
+    others = [d for d in range(t.dim()) if d != dim % t.dim()]
+    return t.sum(dim=others) if others else t.clone()
 
 
 class ChannelCriterion(Criterion):
@@ -92,6 +94,10 @@ class ChannelCriterion(Criterion):
     @abstractmethod
     def channel_scores(self, ctx: ChannelContext) -> dict[int, Tensor]:
         """``{group index: float32 [group size]}`` for every prunable group of ``ctx.graph``."""
+
+    #: Whether :meth:`refit` adjusts the kept weights itself (then shrink's ``reconstruct``
+    #: does not refit a second time).
+    refits: ClassVar[bool] = False
 
     def refit(self, ctx: ChannelContext, removed: dict[int, Tensor]) -> None:
         """Adjust kept weights to compensate for ``removed`` before surgery (default: none)."""

@@ -206,7 +206,7 @@ class SparseGPT(LayerwiseCriterion):
             raise ConfigError(f"sparsegpt blocksize must be an int >= 1; got {self.blocksize!r}")
         if self.blocksize < 1:
             raise ConfigError(f"sparsegpt blocksize must be an int >= 1; got {self.blocksize!r}")
-        _check_dampening(self.dampening, "sparsegpt")
+        check_dampening(self.dampening, "sparsegpt")
 
     def prune_matrix(
         self, weight: Tensor, inputs: HessianAccumulator, sparsity: float | None, n: int, m: int
@@ -241,7 +241,7 @@ class OBS(LayerwiseCriterion):
 
     def __post_init__(self) -> None:
         _check_sequential(self.sequential, "obs")
-        _check_dampening(self.dampening, "obs")
+        check_dampening(self.dampening, "obs")
 
     def prune_matrix(
         self, weight: Tensor, inputs: HessianAccumulator, sparsity: float | None, n: int, m: int
@@ -259,7 +259,8 @@ def _check_sequential(value: object, who: str) -> None:
         raise ConfigError(f"{who} sequential must be true, false or null; got {value!r}")
 
 
-def _check_dampening(value: object, who: str) -> None:
+def check_dampening(value: object, who: str) -> None:
+    """Refuse a dampening outside [0, 1), naming the criterion ``who``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise ConfigError(
             f"{who} dampening (a fraction of the Hessian's mean diagonal) must be in [0, 1); "

@@ -10,7 +10,9 @@ directly, one float32 per channel, higher = more important, and is used through
   data, measured where the channels are consumed;
 * ``fpgm``: how replaceable a filter is by the others (distance to the geometric median);
 * ``regression``: how well the next layers' outputs can be reconstructed without a channel
-  (ThiNet's greedy selection or LASSO), with a least-squares refit of those layers' weights.
+  (ThiNet's greedy selection or LASSO), with a least-squares refit of those layers' weights;
+* ``channel_obs``: the output error a channel's removal leaves once its readers have
+  compensated (Optimal Brain Surgeon over whole channels, greedy).
 
 Activations are measured in eval mode under ``torch.no_grad()`` with hooks that are removed
 even on error, so the model's state and modes are as before. The calibration inputs (the
@@ -24,7 +26,7 @@ import itertools
 import math
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -40,6 +42,8 @@ from secateurs.criteria.channel import (
     per_channel,
     reduce_to_dim,
 )
+from secateurs.criteria.hessian import _prepare
+from secateurs.criteria.layerwise import check_dampening
 from secateurs.errors import ConfigError, DataError
 from secateurs.graph.groups import ChannelGroup, Member
 from secateurs.graph.state import TensorRef
@@ -460,6 +464,16 @@ def im2col(module: nn.Module, x: Tensor) -> Tensor:
     order of ``module.weight.reshape(out, -1)`` (a linear layer's rows are its inputs)."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
+    xp, kernel, dilation, stride = _as_2d_conv(module, x)
+    cols = F.unfold(xp, kernel, dilation=dilation, stride=stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _as_2d_conv(
+    module: nn.Module, x: Tensor
+) -> tuple[Tensor, tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """``x`` batched and padded as ``module`` pads it, viewed as a 2-D convolution's input,
+    with the kernel, dilation and stride as 2-D tuples."""
     assert isinstance(module, nn.modules.conv._ConvNd)
     spatial = len(module.kernel_size)
     if x.dim() == spatial + 1:
@@ -472,8 +486,47 @@ def im2col(module: nn.Module, x: Tensor) -> Tensor:
     if spatial == 1:
         x = x.unsqueeze(2)
         kernel, dilation, stride = (1, kernel[0]), (1, dilation[0]), (1, stride[0])
-    cols = F.unfold(x, tuple(kernel), dilation=tuple(dilation), stride=tuple(stride))
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    k, d, st = (
+        (int(kernel[0]), int(kernel[1])),
+        (int(dilation[0]), int(dilation[1])),
+        (
+            int(stride[0]),
+            int(stride[1]),
+        ),
+    )
+    return x, k, d, st
+
+
+def im2col_count(module: nn.Module, x: Tensor) -> int:
+    """How many rows ``im2col(module, x)`` has, without computing them."""
+    if isinstance(module, nn.Linear):
+        return x.numel() // x.shape[-1]
+    xp, kernel, dilation, stride = _as_2d_conv(module, x)
+    out = [(xp.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
+    return xp.shape[0] * out[0] * out[1]
+
+
+def im2col_rows(module: nn.Module, x: Tensor, rows: Tensor | None) -> Tensor:
+    """Rows ``rows`` (sorted indices; ``None``: all) of ``im2col(module, x)``, gathered
+    directly: unfolding a whole batch to keep a few hundred of its rows costs far more."""
+    if rows is None:
+        return im2col(module, x)
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])[rows.to(x.device)]
+    xp, kernel, dilation, stride = _as_2d_conv(module, x)
+    width = (xp.shape[3] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    height = (xp.shape[2] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    r = rows.to(x.device)
+    n, pos = r // (height * width), r % (height * width)
+    oy, ox = pos // width, pos % width
+    ky = torch.arange(kernel[0], device=x.device) * dilation[0]
+    kx = torch.arange(kernel[1], device=x.device) * dilation[1]
+    ys = (oy * stride[0])[:, None] + ky[None, :]  # [R, kh]
+    xs = (ox * stride[1])[:, None] + kx[None, :]  # [R, kw]
+    c = torch.arange(xp.shape[1], device=x.device)
+    patches = xp[n[:, None, None, None], c[None, :, None, None], ys[:, None, :, None],
+                 xs[:, None, None, :]]  # fmt: skip
+    return patches.reshape(len(r), -1)
 
 
 def unfolded_channels(module: nn.Module, member: Member) -> Tensor:
@@ -498,14 +551,17 @@ class _Sampler:
     batch: int = 0
     calls: int = 0
 
-    def take(self, rows: Tensor) -> Tensor:
-        n = rows.shape[0]
+    def pick(self, n: int) -> Tensor | None:
+        """Sorted indices of the rows to keep out of ``n`` (``None``: all of them)."""
         g = torch.Generator().manual_seed(_seed(self.seed, self.name, self.batch, self.calls))
         self.calls += 1
         if n <= self.per_batch:
-            return rows
-        pick = torch.randperm(n, generator=g)[: self.per_batch].sort().values
-        return rows[pick.to(rows.device)]
+            return None
+        return torch.randperm(n, generator=g)[: self.per_batch].sort().values
+
+    def take(self, module: nn.Module, x: Tensor) -> Tensor:
+        """The drawn rows of ``im2col(module, x)``, gathered without unfolding the rest."""
+        return im2col_rows(module, x.detach(), self.pick(im2col_count(module, x)))
 
 
 def _run(
@@ -515,7 +571,12 @@ def _run(
         for i, x in enumerate(inputs):
             for s in samplers:
                 s.batch, s.calls = i, 0
-            ctx.model(x)
+            with suppress(_Enough):
+                ctx.model(x)
+
+
+class _Enough(Exception):
+    """Raised by a hook that has read what it needs: the rest of the forward pass is skipped."""
 
 
 @dataclass
@@ -540,13 +601,7 @@ def contribution_grams(ctx: ChannelContext, samples: int, who: str) -> dict[int,
     samplers: list[_Sampler] = []
     hooks: list[Hook] = []
     for name, site in sites.items():
-        w = site.module.weight
-        assert isinstance(w, Tensor)
-        wmat = w.detach().reshape(w.shape[0], -1).to(torch.float64)
-        if wmat.shape[0] > SKETCH:
-            gen = torch.Generator().manual_seed(_seed(ctx.seed, name, "sketch"))
-            r = torch.randn(wmat.shape[0], SKETCH, generator=gen, dtype=torch.float64)
-            wmat = (r.to(wmat.device).T @ wmat) / math.sqrt(SKETCH)
+        wmat = _sketched_weight(ctx, name, site.module)
         p = wmat.shape[1]
         projected[name] = torch.cat([wmat.T, wmat.new_zeros(1, wmat.shape[0])])  # [P + 1, O]
         uses[name] = [
@@ -571,12 +626,26 @@ def contribution_grams(ctx: ChannelContext, samples: int, who: str) -> dict[int,
     return out
 
 
+def _sketched_weight(ctx: ChannelContext, name: str, module: nn.Module) -> Tensor:
+    """``module``'s weight as a float64 ``[out, in * kernel]`` matrix, its output dimensions
+    sketched to :data:`SKETCH` random directions when wider (``E[R R'] = I``, so output
+    energies are kept in expectation)."""
+    w = module.weight
+    assert isinstance(w, Tensor)
+    wmat = w.detach().reshape(w.shape[0], -1).to(torch.float64)
+    if wmat.shape[0] > SKETCH:
+        gen = torch.Generator().manual_seed(_seed(ctx.seed, name, "sketch"))
+        r = torch.randn(wmat.shape[0], SKETCH, generator=gen, dtype=torch.float64)
+        wmat = (r.to(wmat.device).T @ wmat) / math.sqrt(SKETCH)
+    return wmat
+
+
 def _gram_hook(sampler: _Sampler, v: Tensor, uses: list[_GramUse]) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         x = _first_tensor(args)
         if x is None:
             return
-        rows = sampler.take(im2col(module, x.detach()))
+        rows = sampler.take(module, x)
         if rows.shape[1] + 1 != v.shape[0]:
             return
         rows = rows.to(v)
@@ -783,62 +852,85 @@ class Regression(ChannelCriterion):
             out[g.index] = scores
         return out
 
+    refits: ClassVar[bool] = True
+
     def refit(self, ctx: ChannelContext, removed: dict[int, Tensor]) -> None:
-        gone = ctx.graph.removed_positions(removed)
-        targets: dict[str, tuple[nn.Module, Tensor]] = {}
-        for (ref, dim), positions in gone.items():
-            module = ctx.model.get_submodule(ref.module)
-            if positions.numel() and reads_input(module, ref, dim, unfoldable=True):
-                targets.setdefault(ref.module, (module, positions))
-        if not targets:
-            return
-        inputs = calibration_inputs(ctx, "regression")
-        per_batch = max(1, math.ceil(self.samples / len(inputs)))
-        samplers = {name: _Sampler(name, per_batch, ctx.seed) for name in targets}
-
-        # the original outputs (without bias) at the sampled positions, and the forward order
-        outputs: dict[str, list[Tensor]] = {name: [] for name in targets}
-        order: list[str] = []
-
-        def record(name: str) -> Callable[..., None]:
-            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-                x = _first_tensor(args)
-                if x is None:
-                    return
-                if name not in order:
-                    order.append(name)
-                rows = samplers[name].take(im2col(module, x.detach())).to(torch.float64)
-                w = module.weight
-                assert isinstance(w, Tensor)
-                outputs[name].append(rows @ w.detach().reshape(w.shape[0], -1).to(rows).T)
-
-            return hook
-
-        _run(
-            ctx,
-            inputs,
-            list(samplers.values()),
-            [(module, "pre", record(name)) for name, (module, _) in targets.items()],
-        )
-        masks = [(module, "pre", _zero_inputs(pos)) for module, pos in targets.values()]
-        for name in order:
-            module, positions = targets[name]
-            kept = _kept_columns(module, positions)
-            seen: list[Tensor] = []
-            collect = _collector(samplers[name], kept, seen)
-            _run(ctx, inputs, [samplers[name]], [*masks, (module, "pre", collect)])
-            if seen and len(seen) == len(outputs[name]):
-                _solve_into(module, kept, torch.cat(seen), torch.cat(outputs[name]))
+        refit_readers(ctx, removed, self.samples, "regression")
 
 
-def _collector(sampler: _Sampler, kept: Tensor, seen: list[Tensor]) -> Callable[..., None]:
-    """A pre-hook appending the sampled rows of the kept input columns to ``seen``."""
+def refit_readers(
+    ctx: ChannelContext, removed: dict[int, Tensor], samples: int, who: str = "reconstruct"
+) -> set[str]:
+    """Least-squares reconstruction after a channel cut, before surgery: for every layer that
+    loses input channels (convolutions with ``groups == 1``, 1-D or 2-D, and linear layers),
+    in forward order, refit its kept weights so that its output on the kept inputs, as the
+    already refitted upstream layers produce them, matches the original model's output on the
+    original inputs, at up to ``samples`` positions drawn from the calibration data (ThiNet's
+    refit, applied to every reader of a cut group whatever chose the channels). Biases stay.
+    Writes into ``ctx.model`` in place; removed inputs are zeroed by hooks while it runs.
+    Returns the names of the layers refitted.
+    """
+    gone = ctx.graph.removed_positions(removed)
+    targets: dict[str, tuple[nn.Module, Tensor]] = {}
+    for (ref, dim), positions in gone.items():
+        module = ctx.model.get_submodule(ref.module)
+        if positions.numel() and reads_input(module, ref, dim, unfoldable=True):
+            targets.setdefault(ref.module, (module, positions))
+    if not targets:
+        return set()
+    inputs = calibration_inputs(ctx, who)
+    per_batch = max(1, math.ceil(samples / len(inputs)))
+    samplers = {name: _Sampler(name, per_batch, ctx.seed) for name in targets}
+
+    # the original outputs (without bias) at the sampled positions, and the forward order
+    outputs: dict[str, list[Tensor]] = {name: [] for name in targets}
+    order: list[str] = []
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = _first_tensor(args)
+            if x is None:
+                return
+            if name not in order:
+                order.append(name)
+            rows = samplers[name].take(module, x).to(torch.float64)
+            w = module.weight
+            assert isinstance(w, Tensor)
+            outputs[name].append(rows @ w.detach().reshape(w.shape[0], -1).to(rows).T)
+
+        return hook
+
+    _run(
+        ctx,
+        inputs,
+        list(samplers.values()),
+        [(module, "pre", record(name)) for name, (module, _) in targets.items()],
+    )
+    masks = [(module, "pre", _zero_inputs(pos)) for module, pos in targets.values()]
+    for name in order:
+        module, positions = targets[name]
+        kept = _kept_columns(module, positions)
+        seen: list[Tensor] = []
+        collect = _collector(samplers[name], kept, seen, len(outputs[name]) // len(inputs))
+        _run(ctx, inputs, [samplers[name]], [*masks, (module, "pre", collect)])
+        if seen and len(seen) == len(outputs[name]):
+            _solve_into(module, kept, torch.cat(seen), torch.cat(outputs[name]))
+    return set(order)
+
+
+def _collector(
+    sampler: _Sampler, kept: Tensor, seen: list[Tensor], calls: int
+) -> Callable[..., None]:
+    """A pre-hook appending the sampled rows of the kept input columns to ``seen``; after the
+    ``calls`` calls a forward pass makes of the module, it ends the pass."""
 
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         x = _first_tensor(args)
         if x is not None:
-            rows = sampler.take(im2col(module, x.detach()))
+            rows = sampler.take(module, x)
             seen.append(rows[:, kept.to(rows.device)].to(torch.float64))
+            if sampler.calls >= calls:
+                raise _Enough
 
     return hook
 
@@ -883,3 +975,177 @@ def _solve_into(module: nn.Module, kept: Tensor, x: Tensor, y: Tensor) -> None:
     new[:, k] = old + delta.T
     with torch.no_grad():
         w.copy_(new.reshape(w.shape).to(w.dtype))
+
+
+# --------------------------------------------------------------------------- channel OBS
+
+
+@dataclass
+class _Reader:
+    """A layer reading a group's channels, as the greedy channel surgeon sees it: its dampened
+    inverse input Hessian and its weight, both padded with one dummy input (index ``P``, an
+    identity row and a zero column) so that channels of unequal width stack."""
+
+    hinv: Tensor  #: [P + 1, P + 1] float64
+    w: Tensor  #: [out, P + 1] float64
+    index: Tensor  #: [size, k] each channel's unfolded input positions (P = none)
+    energy: float  #: tr(W H W'), the layer's output energy on the samples
+
+
+def input_hessians(ctx: ChannelContext, samples: int, who: str) -> dict[str, Tensor]:
+    """``{reader: H}`` with ``H = X'X`` (float64) of the unfolded inputs ``X`` of every layer
+    that reads a prunable group (convolutions with ``groups == 1`` and linear layers), at up
+    to ``samples`` positions drawn from the calibration data."""
+    inputs = calibration_inputs(ctx, who)
+    sites = consumer_sites(ctx, unfoldable=True)
+    per_batch = max(1, math.ceil(samples / len(inputs)))
+    hessians: dict[str, Tensor] = {}
+    samplers: list[_Sampler] = []
+    hooks: list[Hook] = []
+    for name, site in sites.items():
+        w = site.module.weight
+        assert isinstance(w, Tensor)
+        p = w[0].numel()
+        hessians[name] = torch.zeros(p, p, dtype=torch.float64)
+        sampler = _Sampler(name, per_batch, ctx.seed)
+        samplers.append(sampler)
+        hooks.append((site.module, "pre", _hessian_hook(sampler, hessians[name])))
+    _run(ctx, inputs, samplers, hooks)
+    return hessians
+
+
+def _hessian_hook(sampler: _Sampler, h: Tensor) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = _first_tensor(args)
+        if x is None:
+            return
+        rows = sampler.take(module, x).to(torch.float64)
+        if rows.shape[1] == h.shape[0]:
+            h.add_((rows.T @ rows).cpu())
+
+    return hook
+
+
+def _reader(wmat: Tensor, h: Tensor, index: Tensor, dampening: float) -> _Reader | None:
+    """The padded state of one reader, or None when its inputs carry nothing."""
+    energy = float(torch.einsum("op,pq,oq->", wmat, h, wmat))
+    if not energy > 0:
+        return None
+    w = wmat.clone()
+    hinv = _prepare(w, h.clone(), dampening)
+    p = hinv.shape[0]
+    padded = torch.zeros(p + 1, p + 1, dtype=torch.float64)
+    padded[:p, :p] = hinv
+    padded[p, p] = 1.0
+    return _Reader(padded, torch.cat([w, w.new_zeros(w.shape[0], 1)], dim=1), index, energy)
+
+
+def _removal_costs(r: _Reader, active: Tensor) -> Tensor:
+    """For every channel, the rise of the reader's output error (over its energy) if that
+    channel went and the reader's other inputs compensated optimally:
+    ``tr(W_S [H^-1]_SS^-1 W_S') / E``, ``S`` the channel's inputs. Removed channels: 0."""
+    idx = r.index
+    blocks = r.hinv[idx[:, :, None], idx[:, None, :]]  # [size, k, k]
+    eye = torch.eye(idx.shape[1], dtype=torch.float64)
+    blocks = torch.where(active[:, None, None], blocks, eye)
+    ws = r.w[:, idx].permute(1, 2, 0)  # [size, k, out]
+    sol = torch.linalg.solve(blocks, ws)
+    return torch.where(active, (ws * sol).sum(dim=(1, 2)) / r.energy, 0.0)
+
+
+def _remove(r: _Reader, channel: int) -> None:
+    """OBS surgery for one channel: its inputs' weights go to zero and the reader's other
+    weights take the optimal correction; ``H^-1`` becomes that of the remaining inputs."""
+    s = r.index[channel]
+    s = s[s != r.hinv.shape[0] - 1]
+    if not len(s):
+        return
+    binv = torch.linalg.inv(r.hinv[s][:, s])
+    rows = r.hinv[s, :]  # [k, P + 1]
+    r.w -= (r.w[:, s] @ binv) @ rows
+    r.hinv -= rows.T @ binv @ rows
+    r.hinv[s, :] = 0.0
+    r.hinv[:, s] = 0.0
+    r.hinv[s, s] = 1.0  # keeps a removed channel's block invertible (it is never chosen again)
+    r.w[:, s] = 0.0
+
+
+def obs_channel_order(readers: list[_Reader], prunable: Tensor) -> Tensor:
+    """Greedy Optimal Brain Surgeon over whole channels: repeatedly remove the prunable
+    channel whose removal, with optimal compensation by each reader's remaining inputs,
+    least raises the readers' summed relative output error, and apply that compensation. A
+    channel's score is the accumulated error once it and every channel removed before it
+    are gone: the removal order, ascending."""
+    size = prunable.numel()
+    active = torch.ones(size, dtype=torch.bool)
+    order: list[int] = []
+    values: list[float] = []
+    error = 0.0
+    for _ in range(int(prunable.sum())):
+        cost = sum(
+            (_removal_costs(r, active) for r in readers), torch.zeros(size, dtype=torch.float64)
+        )
+        cost = torch.where(active & prunable, cost, math.inf)
+        c = int(torch.argmin(cost))
+        error += max(float(cost[c]), 0.0)
+        order.append(c)
+        values.append(error)
+        for r in readers:
+            _remove(r, c)
+        active[c] = False
+    return _scores_from_order(order, torch.tensor(values, dtype=torch.float64), size)
+
+
+@CRITERIA.register("channel_obs")
+@dataclass
+class ChannelOBS(ChannelCriterion):
+    """Channels ranked by the output error their removal causes once the layers that read
+    them have compensated: Optimal Brain Surgeon (Hassibi & Stork 1993) over whole channels,
+    greedy, as OBC / SparseGPT do for single weights (Frantar et al. 2022).
+
+    Each reader (convolution with ``groups == 1``, 1-D or 2-D, or linear layer) has the
+    Hessian ``H = X'X`` of its unfolded inputs on up to ``samples`` calibration positions.
+    Removing channel ``c`` (inputs ``S``) with the best correction of the reader's remaining
+    weights raises its output error by ``tr(W_S [H^-1]_SS^-1 W_S')``; the criterion removes
+    the cheapest channel, applies the correction to its working copy of ``W`` and ``H^-1``,
+    and repeats, so later choices see earlier removals. Errors are relative to each reader's
+    output energy and summed over the readers of a group. It is the ranking that matches
+    ``shrink``'s reconstruction (on by default when data is given), which then performs that
+    compensation by least squares. A group no such layer reads falls back to its L2
+    magnitude. Needs ``data``; costs one ``P x P`` inverse per reader (``P`` = in channels x
+    kernel size) and a rank-``k`` update per removed channel.
+    """
+
+    needs_data: ClassVar[bool] = True
+
+    samples: int = 4096
+    dampening: float = 0.01
+
+    def __post_init__(self) -> None:
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise ConfigError(
+                f"channel_obs samples (positions drawn per reader) must be an int >= 1; "
+                f"got {self.samples!r}"
+            )
+        check_dampening(self.dampening, "channel_obs")
+
+    def channel_scores(self, ctx: ChannelContext) -> dict[int, Tensor]:
+        hessians = input_hessians(ctx, self.samples, "channel_obs")
+        sites = consumer_sites(ctx, unfoldable=True)
+        weights = {name: _sketched_weight(ctx, name, site.module) for name, site in sites.items()}
+        readers: dict[int, list[_Reader]] = {}
+        for name, site in sites.items():
+            p = weights[name].shape[1]
+            for g, m in site.uses:
+                index = positions_by_channel(unfolded_channels(site.module, m), g.size, p)
+                r = _reader(weights[name], hessians[name], index, self.dampening)
+                if r is not None:
+                    readers.setdefault(g.index, []).append(r)
+        out: dict[int, Tensor] = {}
+        for g in ctx.graph.prunable_groups:
+            if g.index in readers:
+                out[g.index] = obs_channel_order(readers.pop(g.index), g.prunable)
+            else:
+                why = "no layer that reads these channels (or they carry nothing)"
+                out[g.index] = fallback(ctx, g, "channel_obs", why)
+        return out
