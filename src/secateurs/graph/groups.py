@@ -111,13 +111,19 @@ class ChannelGraph:
         """Index every (tensor, dim) and every channel once, for fast budget arithmetic."""
         keys: dict[tuple[TensorRef, int], int] = {}
         rows, cols, vals = [], [], []
+        even: list[tuple[int, int, float]] = []  # (key, group, positions per channel)
         self._offsets: dict[int, int] = {}
+        self._uneven_groups: set[int] = set()
         total = 0
         for g in self.groups:
             self._offsets[g.index] = total
             for m in g.members:
                 row = keys.setdefault((m.ref, m.dim), len(keys))
                 counts = torch.bincount(m.channel[m.channel >= 0], minlength=g.size)
+                if counts.numel() and bool((counts == counts[0]).all()):  # one count per channel
+                    even.append((row, g.index, float(counts[0])))
+                    continue
+                self._uneven_groups.add(g.index)
                 nz = counts.nonzero().flatten()
                 rows.append(torch.full((len(nz),), row))
                 cols.append(nz + total)
@@ -127,6 +133,10 @@ class ChannelGraph:
         self._count_rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
         self._count_cols = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long)
         self._count_vals = torch.cat(vals) if vals else torch.zeros(0, dtype=torch.float64)
+        self._even_rows = torch.tensor([e[0] for e in even], dtype=torch.long)
+        self._even_groups = torch.tensor([e[1] for e in even], dtype=torch.long)
+        self._even_vals = torch.tensor([e[2] for e in even], dtype=torch.float64)
+        self._group_slots = max((g.index for g in self.groups), default=-1) + 1
         # every tensor as a row of its dims' sizes and (tensor, dim) indices; -1: no index
         self._tensor_rows = {ref: i for i, ref in enumerate(self.shapes)}
         width = max((len(s) for s in self.shapes.values()), default=0)
@@ -148,18 +158,27 @@ class ChannelGraph:
     def _dims_after(self, removed: dict[int, Tensor] | None) -> Tensor:
         """Every traced tensor's dimension sizes after removing ``removed`` (float64, by row).
 
-        A position belongs to one group only, so the groups' counts add up: one weighted
-        scatter-add over (tensor dimension, channel, positions) entries, no position lists.
+        A position belongs to one group only, so the groups' counts add up. A member whose
+        every channel covers the same number of positions (all but a flatten's) loses that
+        number times the group's removed count; the others take one weighted scatter-add over
+        (tensor dimension, channel, positions) entries. No position lists either way: the
+        budget searches call this dozens of times.
         """
         if not hasattr(self, "_dim_sizes"):
             self._build_counts()
         lost = torch.zeros(self._num_keys + 1, dtype=torch.float64)
         if removed:
-            vec = torch.zeros(self._channels_total, dtype=torch.float64)
+            n = torch.zeros(self._group_slots, dtype=torch.float64)
             for gi, mask in removed.items():
-                off = self._offsets[gi]
-                vec[off : off + mask.numel()] = mask.to(torch.float64)
-            lost.index_add_(0, self._count_rows, self._count_vals * vec[self._count_cols])
+                n[gi] = float(mask.sum())
+            lost.index_add_(0, self._even_rows, self._even_vals * n[self._even_groups])
+            uneven = [gi for gi in removed if gi in self._uneven_groups]
+            if uneven:
+                vec = torch.zeros(self._channels_total, dtype=torch.float64)
+                for gi in uneven:
+                    off = self._offsets[gi]
+                    vec[off : off + removed[gi].numel()] = removed[gi].to(torch.float64)
+                lost.index_add_(0, self._count_rows, self._count_vals * vec[self._count_cols])
         return self._dim_sizes - lost[self._dim_keys]
 
     def _elements_after(self, removed: dict[int, Tensor] | None) -> Tensor:
