@@ -341,10 +341,12 @@ def test_reconstruction_brings_the_outputs_back_toward_the_dense_model(make: Any
     calib, held_out = _batches(4, 0, model), _batches(2, 1, model)
     recalibrate_batchnorm_(model, calib + held_out)  # statistics of its data, as when trained
     before = state_copy(model)
-    plain = sc.shrink(model, X[:1], sc.MACs(0.5), data=calib, reconstruct=False)
-    rebuilt = sc.shrink(model, X[:1], sc.MACs(0.5), data=calib)  # on by default with data
+    l2 = {"name": "magnitude", "p": 2}
+    plain = sc.shrink(model, X[:1], sc.MACs(0.5), data=calib, reconstruct=False, criterion=l2)
+    rebuilt = sc.shrink(model, X[:1], sc.MACs(0.5), data=calib, criterion=l2)  # on with data
     assert same_state(model, before)
-    assert conv_widths(plain) == conv_widths(rebuilt)  # the same channels are cut
+    plans = [sc.report_of(m, sc.ShrinkReport).plan.removed for m in (plain, rebuilt)]
+    assert plans[0] == plans[1]  # the same channels are cut
     # re-estimating BatchNorm alone is not the reconstruction: it does less
     stats_only = copy.deepcopy(plain)
     recalibrate_batchnorm_(stats_only, calib)
@@ -353,6 +355,21 @@ def test_reconstruction_brings_the_outputs_back_toward_the_dense_model(make: Any
     err_rebuilt = _relative_error(rebuilt, model, held_out)
     assert err_rebuilt < 0.5 * err_plain, (err_plain, err_stats, err_rebuilt)
     assert err_rebuilt < err_stats, (err_plain, err_stats, err_rebuilt)
+
+
+def test_the_default_criterion_is_channel_obs_when_the_cut_is_reconstructed() -> None:
+    model = vgg()
+    calib = _batches(2, 0, model)
+
+    def removed(**kw: Any) -> Any:
+        small = sc.shrink(model, X[:1], sc.MACs(0.5), **kw)
+        return sc.report_of(small, sc.ShrinkReport).plan.removed
+
+    assert removed(data=calib) == removed(data=calib, criterion="channel_obs")
+    assert removed() == removed(criterion={"name": "magnitude", "p": 2})
+    not_rebuilt = removed(data=calib, reconstruct=False)
+    assert not_rebuilt == removed(criterion={"name": "magnitude", "p": 2})
+    assert removed(data=calib) != not_rebuilt  # the two rankings differ here
 
 
 def test_reconstruction_reestimates_batchnorm_only_after_a_layer_it_could_not_refit() -> None:
