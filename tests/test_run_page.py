@@ -17,10 +17,13 @@ from secateurs.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-#: Added to a copy of the page only: writes each image's decoded size into the DOM.
+#: Added to a copy of the page only: once the page has loaded (every image fetched and
+#: decoded, or failed: then 0x0), writes each image's natural size into the DOM. Waiting on
+#: each ``img.decode()`` promise instead raced ``--dump-dom`` on a loaded machine.
 PROBE = (
-    "<script>for (const img of document.images) { img.decode().then(() => "
-    'img.setAttribute("data-natural", img.naturalWidth + "x" + img.naturalHeight)); }</script>'
+    '<script>window.addEventListener("load", () => { for (const img of document.images) '
+    '{ img.setAttribute("data-natural", img.naturalWidth + "x" + img.naturalHeight); } });'
+    "</script>"
 )
 
 
