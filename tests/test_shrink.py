@@ -397,6 +397,27 @@ def test_reconstruction_reestimates_batchnorm_only_after_a_layer_it_could_not_re
     assert not torch.allclose(small[4].running_mean, model[4].running_mean[kept4], atol=1e-3)
 
 
+@pytest.mark.parametrize("criterion", [None, {"name": "regression", "samples": 64}])
+def test_a_batchnorm_after_a_refitted_layer_keeps_its_statistics(criterion: Any) -> None:
+    # whichever refits it (the reconstruction, or a criterion that refits by itself), a
+    # refitted layer reproduces its original outputs, so the BatchNorm it feeds keeps the
+    # original statistics of its kept channels
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4),
+    ).eval()  # fmt: skip
+    data = [(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)) for _ in range(3)]
+    recalibrate_batchnorm_(model, data)
+    small = sc.shrink(model, data[0][0][:1], sc.Sparsity(0.5), data=data, criterion=criterion)
+    removed = sc.report_of(small, sc.ShrinkReport).plan.removed
+    assert removed["3.weight"][1]  # the second convolution lost inputs: it was refitted
+    kept = [i for i in range(6) if i not in removed["3.weight"].get(0, [])]
+    assert torch.equal(small[4].running_mean, model[4].running_mean[kept])
+    assert torch.equal(small[4].running_var, model[4].running_var[kept])
+
+
 def test_reconstruction_is_the_least_squares_refit_of_the_layer_that_reads_the_cut() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).eval()

@@ -513,7 +513,7 @@ def _plan(
     removed = _search(cands, measure, cfg.allocation_, cfg.round_to)
     if removed:
         if isinstance(criterion, ChannelCriterion) and criterion.refits:
-            criterion.refit(ctx, removed)
+            ctx.cache[REFITTED_KEY] = criterion.refit(ctx, removed)
         elif _reconstructs(cfg, data):
             ctx.cache[REFITTED_KEY] = refit_readers(ctx, removed, cfg.reconstruct_samples)
     return plan_from_removed(graph, removed), graph, removed, ctx

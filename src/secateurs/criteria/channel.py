@@ -99,8 +99,10 @@ class ChannelCriterion(Criterion):
     #: does not refit a second time).
     refits: ClassVar[bool] = False
 
-    def refit(self, ctx: ChannelContext, removed: dict[int, Tensor]) -> None:
-        """Adjust kept weights to compensate for ``removed`` before surgery (default: none)."""
+    def refit(self, ctx: ChannelContext, removed: dict[int, Tensor]) -> set[str]:
+        """Adjust kept weights to compensate for ``removed`` before surgery (default: none);
+        return the names of the layers adjusted."""
+        return set()
 
 
 def _element_scores(criterion: Criterion, ctx: ChannelContext) -> dict[int, Tensor]:

@@ -854,8 +854,8 @@ class Regression(ChannelCriterion):
 
     refits: ClassVar[bool] = True
 
-    def refit(self, ctx: ChannelContext, removed: dict[int, Tensor]) -> None:
-        refit_readers(ctx, removed, self.samples, "regression")
+    def refit(self, ctx: ChannelContext, removed: dict[int, Tensor]) -> set[str]:
+        return refit_readers(ctx, removed, self.samples, "regression")
 
 
 def refit_readers(
