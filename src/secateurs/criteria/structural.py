@@ -464,46 +464,59 @@ def im2col(module: nn.Module, x: Tensor) -> Tensor:
     order of ``module.weight.reshape(out, -1)`` (a linear layer's rows are its inputs)."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
-    xp, kernel, dilation, stride = _as_2d_conv(module, x)
-    cols = F.unfold(xp, kernel, dilation=dilation, stride=stride)
+    v = _Conv2dView.of(module, x)
+    cols = F.unfold(v.x, v.kernel, dilation=v.dilation, stride=v.stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def _as_2d_conv(
-    module: nn.Module, x: Tensor
-) -> tuple[Tensor, tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """``x`` batched and padded as ``module`` pads it, viewed as a 2-D convolution's input,
-    with the kernel, dilation and stride as 2-D tuples."""
-    assert isinstance(module, nn.modules.conv._ConvNd)
-    spatial = len(module.kernel_size)
-    if x.dim() == spatial + 1:
-        x = x.unsqueeze(0)
-    pad = list(module._reversed_padding_repeated_twice)
-    if any(pad):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, pad, mode=mode)
-    kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
-    if spatial == 1:
-        x = x.unsqueeze(2)
-        kernel, dilation, stride = (1, kernel[0]), (1, dilation[0]), (1, stride[0])
-    k, d, st = (
-        (int(kernel[0]), int(kernel[1])),
-        (int(dilation[0]), int(dilation[1])),
-        (
-            int(stride[0]),
-            int(stride[1]),
-        ),
-    )
-    return x, k, d, st
+@dataclass
+class _Conv2dView:
+    """A 1-D or 2-D convolution's input, batched and padded as the module pads it, seen as a
+    2-D convolution's: the input, and the kernel, dilation and stride as 2-D tuples."""
+
+    x: Tensor
+    kernel: tuple[int, int]
+    dilation: tuple[int, int]
+    stride: tuple[int, int]
+
+    @classmethod
+    def of(cls, module: nn.Module, x: Tensor) -> _Conv2dView:
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        spatial = len(module.kernel_size)
+        if x.dim() == spatial + 1:
+            x = x.unsqueeze(0)
+        pad = list(module._reversed_padding_repeated_twice)
+        if any(pad):
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, pad, mode=mode)
+        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+        if spatial == 1:
+            x = x.unsqueeze(2)
+            kernel, dilation, stride = (1, kernel[0]), (1, dilation[0]), (1, stride[0])
+
+        def pair(t: tuple[int, ...]) -> tuple[int, int]:
+            return int(t[0]), int(t[1])
+
+        return cls(x, pair(kernel), pair(dilation), pair(stride))
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        """Output height and width."""
+        h, w = (
+            (self.x.shape[2 + i] - self.dilation[i] * (self.kernel[i] - 1) - 1) // self.stride[i]
+            + 1
+            for i in range(2)
+        )
+        return h, w
 
 
 def im2col_count(module: nn.Module, x: Tensor) -> int:
     """How many rows ``im2col(module, x)`` has, without computing them."""
     if isinstance(module, nn.Linear):
         return x.numel() // x.shape[-1]
-    xp, kernel, dilation, stride = _as_2d_conv(module, x)
-    out = [(xp.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
-    return xp.shape[0] * out[0] * out[1]
+    v = _Conv2dView.of(module, x)
+    height, width = v.out_size
+    return v.x.shape[0] * height * width
 
 
 def im2col_rows(module: nn.Module, x: Tensor, rows: Tensor | None) -> Tensor:
@@ -513,19 +526,18 @@ def im2col_rows(module: nn.Module, x: Tensor, rows: Tensor | None) -> Tensor:
         return im2col(module, x)
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])[rows.to(x.device)]
-    xp, kernel, dilation, stride = _as_2d_conv(module, x)
-    width = (xp.shape[3] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    height = (xp.shape[2] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    v = _Conv2dView.of(module, x)
+    height, width = v.out_size
     r = rows.to(x.device)
     n, pos = r // (height * width), r % (height * width)
     oy, ox = pos // width, pos % width
-    ky = torch.arange(kernel[0], device=x.device) * dilation[0]
-    kx = torch.arange(kernel[1], device=x.device) * dilation[1]
-    ys = (oy * stride[0])[:, None] + ky[None, :]  # [R, kh]
-    xs = (ox * stride[1])[:, None] + kx[None, :]  # [R, kw]
-    c = torch.arange(xp.shape[1], device=x.device)
-    patches = xp[n[:, None, None, None], c[None, :, None, None], ys[:, None, :, None],
-                 xs[:, None, None, :]]  # fmt: skip
+    ky = torch.arange(v.kernel[0], device=x.device) * v.dilation[0]
+    kx = torch.arange(v.kernel[1], device=x.device) * v.dilation[1]
+    ys = (oy * v.stride[0])[:, None] + ky[None, :]  # [R, kh]
+    xs = (ox * v.stride[1])[:, None] + kx[None, :]  # [R, kw]
+    c = torch.arange(v.x.shape[1], device=x.device)
+    patches = v.x[n[:, None, None, None], c[None, :, None, None], ys[:, None, :, None],
+                  xs[:, None, None, :]]  # fmt: skip
     return patches.reshape(len(r), -1)
 
 
@@ -988,8 +1000,12 @@ class _Reader:
 
     hinv: Tensor  #: [P + 1, P + 1] float64
     w: Tensor  #: [out, P + 1] float64
-    index: Tensor  #: [size, k] each channel's unfolded input positions (P = none)
     energy: float  #: tr(W H W'), the layer's output energy on the samples
+    index: Tensor | None = None  #: [size, k] each channel's unfolded input positions (P = none)
+
+    def working_copy(self, index: Tensor) -> _Reader:
+        """A copy the greedy removal of one group (channels at ``index``) may change."""
+        return _Reader(self.hinv.clone(), self.w.clone(), self.energy, index)
 
 
 def input_hessians(ctx: ChannelContext, samples: int, who: str) -> dict[str, Tensor]:
@@ -1026,8 +1042,9 @@ def _hessian_hook(sampler: _Sampler, h: Tensor) -> Callable[..., None]:
     return hook
 
 
-def _reader(wmat: Tensor, h: Tensor, index: Tensor, dampening: float) -> _Reader | None:
-    """The padded state of one reader, or None when its inputs carry nothing."""
+def _reader(wmat: Tensor, h: Tensor, dampening: float) -> _Reader | None:
+    """The padded state of one reader (its inverse computed once, however many groups it
+    reads), or None when its inputs carry nothing."""
     energy = float(torch.einsum("op,pq,oq->", wmat, h, wmat))
     if not energy > 0:
         return None
@@ -1037,7 +1054,7 @@ def _reader(wmat: Tensor, h: Tensor, index: Tensor, dampening: float) -> _Reader
     padded = torch.zeros(p + 1, p + 1, dtype=torch.float64)
     padded[:p, :p] = hinv
     padded[p, p] = 1.0
-    return _Reader(padded, torch.cat([w, w.new_zeros(w.shape[0], 1)], dim=1), index, energy)
+    return _Reader(padded, torch.cat([w, w.new_zeros(w.shape[0], 1)], dim=1), energy)
 
 
 def _removal_costs(r: _Reader, active: Tensor) -> Tensor:
@@ -1045,6 +1062,7 @@ def _removal_costs(r: _Reader, active: Tensor) -> Tensor:
     channel went and the reader's other inputs compensated optimally:
     ``tr(W_S [H^-1]_SS^-1 W_S') / E``, ``S`` the channel's inputs. Removed channels: 0."""
     idx = r.index
+    assert idx is not None
     blocks = r.hinv[idx[:, :, None], idx[:, None, :]]  # [size, k, k]
     eye = torch.eye(idx.shape[1], dtype=torch.float64)
     blocks = torch.where(active[:, None, None], blocks, eye)
@@ -1056,6 +1074,7 @@ def _removal_costs(r: _Reader, active: Tensor) -> Tensor:
 def _remove(r: _Reader, channel: int) -> None:
     """OBS surgery for one channel: its inputs' weights go to zero and the reader's other
     weights take the optimal correction; ``H^-1`` becomes that of the remaining inputs."""
+    assert r.index is not None
     s = r.index[channel]
     s = s[s != r.hinv.shape[0] - 1]
     if not len(s):
@@ -1131,20 +1150,22 @@ class ChannelOBS(ChannelCriterion):
 
     def channel_scores(self, ctx: ChannelContext) -> dict[int, Tensor]:
         hessians = input_hessians(ctx, self.samples, "channel_obs")
-        sites = consumer_sites(ctx, unfoldable=True)
-        weights = {name: _sketched_weight(ctx, name, site.module) for name, site in sites.items()}
-        readers: dict[int, list[_Reader]] = {}
-        for name, site in sites.items():
-            p = weights[name].shape[1]
+        reads: dict[int, list[tuple[_Reader, Tensor]]] = {}  # group: (reader, its positions)
+        for name, site in consumer_sites(ctx, unfoldable=True).items():
+            wmat = _sketched_weight(ctx, name, site.module)
+            r = _reader(wmat, hessians.pop(name), self.dampening)
+            if r is None:
+                continue
             for g, m in site.uses:
-                index = positions_by_channel(unfolded_channels(site.module, m), g.size, p)
-                r = _reader(weights[name], hessians[name], index, self.dampening)
-                if r is not None:
-                    readers.setdefault(g.index, []).append(r)
+                index = positions_by_channel(
+                    unfolded_channels(site.module, m), g.size, wmat.shape[1]
+                )
+                reads.setdefault(g.index, []).append((r, index))
         out: dict[int, Tensor] = {}
         for g in ctx.graph.prunable_groups:
-            if g.index in readers:
-                out[g.index] = obs_channel_order(readers.pop(g.index), g.prunable)
+            if g.index in reads:
+                readers = [r.working_copy(index) for r, index in reads.pop(g.index)]
+                out[g.index] = obs_channel_order(readers, g.prunable)
             else:
                 why = "no layer that reads these channels (or they carry nothing)"
                 out[g.index] = fallback(ctx, g, "channel_obs", why)
