@@ -37,6 +37,7 @@ from torch import nn
 
 import secateurs as sc
 from bench_finegrained import RESULTS, dense_model, write_results
+from secateurs.calibration import CALIBRATION_BATCHES  # the batches shrink reads by default
 from secateurs.data import load_fashion_mnist
 from secateurs.graph import build_graph
 from secateurs.metrics import evaluate, measure_latency, profile
@@ -44,8 +45,6 @@ from secateurs.train import TrainConfig, train
 from secateurs.zoo import build_model
 
 TRAIN_LR = 0.05
-#: Calibration batches (of the training loader) the methods that take data read.
-CALIBRATION_BATCHES = 16
 
 
 def macs_of(model: nn.Module, example: torch.Tensor) -> int:
