@@ -357,9 +357,10 @@ def test_regression_ranks_a_channel_with_a_negligible_contribution_lowest() -> N
         assert scores["0"].unique().numel() == 6, method  # a strict order
 
 
-def test_regression_is_reproducible_for_a_seed() -> None:
+@pytest.mark.parametrize("name", ["regression", "channel_obs"])
+def test_sampling_criteria_are_reproducible_for_a_seed(name: str) -> None:
     def run(seed: int) -> dict[str, Tensor]:
-        return by_name(context(net(), X, Y, seed=seed), {"name": "regression", "samples": 16})
+        return by_name(context(net(), X, Y, seed=seed), {"name": name, "samples": 16})
 
     a, b = run(0), run(0)
     assert all(torch.equal(a[k], b[k]) for k in a)
