@@ -72,7 +72,17 @@ from bench_finegrained import TRAIN_LR, dense_model, sparsity_of, write_results
 from secateurs.data import DataBundle, load_fashion_mnist
 from secateurs.metrics import evaluate, profile
 from secateurs.registry import to_spec
-from secateurs.schedules import DSD, INIT_RULES, SET, Gradual, Lottery, RigL, Schedule, Static
+from secateurs.schedules import (
+    DSD,
+    INIT_RULES,
+    REDISTRIBUTE_RULES,
+    SET,
+    Gradual,
+    Lottery,
+    RigL,
+    Schedule,
+    Static,
+)
 from secateurs.train import Distillation, TrainConfig, train
 from secateurs.zoo import build_model
 
@@ -295,18 +305,22 @@ def plan_for(method: str, ctx: Context) -> Plan:
     epochs = args.dense_epochs + args.epochs
     steps = epochs * spe
     every = min(args.update_every, max(1, steps // 20))
-    end = max(1, int(0.75 * steps))
+    end = max(1, int(args.update_until * steps))
     cls = {"set": SET, "rigl": RigL, "static": Static}[method]
     init: dict[str, Any] = {} if args.sparse_init is None else {"init": args.sparse_init}
     if args.min_fan_in is not None:
         init["min_fan_in"] = args.min_fan_in
-    schedule = cls(every=every, end=end, fraction=DROP_FRACTION, distribution="erk", **init)
+    if args.redistribute is not None and method != "static":
+        init["redistribute"] = args.redistribute
+    schedule = cls(every=every, end=end, fraction=args.drop_fraction, distribution="erk", **init)
     notes = {
         "update_every": every,
+        "drop_fraction": args.drop_fraction,
         "updates_until_step": end,
         "distribution": "erk",
         "init": schedule.init,
         "min_fan_in": schedule.min_fan_in,
+        "redistribute": getattr(schedule, "redistribute", "none"),
     }
     return Plan(schedule, epochs, steps, lambda t: cosine(TRAIN_LR, t, steps), "erk", False, notes)
 
@@ -369,6 +383,7 @@ def run_method(ctx: Context, method: str, sparsity: float, distill: bool = False
     finally:
         if kd is not None:
             kd.close()
+    kept = {name: int(mask.sum()) for name, mask in sc.collect_masks(model).items()}
     sc.make_permanent_(model)
     accuracy = evaluate(model, test_loader).accuracy
     pretrain_epochs = ctx.args.dense_epochs if plan.from_dense else 0
@@ -397,6 +412,7 @@ def run_method(ctx: Context, method: str, sparsity: float, distill: bool = False
         "seconds": fitted.seconds,
         "schedule": to_spec(plan.schedule),
         "allocation": plan.allocation,
+        "kept_per_layer": kept,
         "notes": notes,
     }
 
@@ -709,6 +725,12 @@ def main() -> None:
     parser.add_argument("--rewind-steps", type=int, default=100, help="lottery rewind point")
     parser.add_argument("--update-every", type=int, default=100, help="SET/RigL update period")
     parser.add_argument(
+        "--update-until", type=float, default=0.75, help="SET/RigL: last update, a step fraction"
+    )
+    parser.add_argument(
+        "--drop-fraction", type=float, default=DROP_FRACTION, help="SET/RigL: share moved"
+    )
+    parser.add_argument(
         "--sparse-init",
         choices=INIT_RULES,
         default=None,
@@ -719,6 +741,12 @@ def main() -> None:
         type=float,
         default=None,
         help="SET/RigL/static: ERK's floor of kept inputs per unit (default: the schedule's)",
+    )
+    parser.add_argument(
+        "--redistribute",
+        choices=REDISTRIBUTE_RULES,
+        default=None,
+        help="SET/RigL: how drops are shared between layers (default: the schedule's)",
     )
     parser.add_argument("--lth-epochs", type=int, default=2)
     parser.add_argument("--lth-rounds", type=int, default=7)

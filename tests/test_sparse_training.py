@@ -15,8 +15,9 @@ from torch.nn.utils import parametrize
 import secateurs as sc
 from conftest import make_cnn, make_mlp
 from secateurs.allocation import erk_densities
+from secateurs.masks import raw_parameter
 from secateurs.schedules import IHT, SET, Lottery, RigL
-from secateurs.sparse_training import drop_and_grow, rescale_for_kept_fan_in_
+from secateurs.sparse_training import drop_and_grow, redistribute, rescale_for_kept_fan_in_
 from secateurs.zoo import build_model
 
 
@@ -318,6 +319,79 @@ def test_drop_and_grow_properties(
     if k and bool((mask & new).any()) and bool(dropped.any()):
         # no kept live weight is smaller than a dropped one that was not regrown
         assert float(w.abs()[mask & new & ~grown].min()) >= float(w.abs()[dropped].max())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    drops=st.lists(st.integers(0, 50), min_size=1, max_size=6),
+    scores=st.lists(st.floats(0.0, 10.0), min_size=6, max_size=6),
+    extra=st.lists(st.integers(0, 80), min_size=6, max_size=6),
+)
+def test_redistribute_shares_every_drop_in_proportion_within_room(
+    drops: list[int], scores: list[float], extra: list[int]
+) -> None:
+    n = len(drops)
+    scores, room = scores[:n], [d + e for d, e in zip(drops, extra[:n], strict=True)]
+    grow = redistribute(drops, scores, room)
+    assert all(0 <= g <= r for g, r in zip(grow, room, strict=True))
+    positive = [i for i in range(n) if scores[i] > 0]
+    if not positive:
+        assert grow == drops  # no signal: each layer regrows its own
+        return
+    # every dropped weight comes back somewhere, unless every scored layer is full
+    assert sum(grow) == min(sum(drops), sum(room[i] for i in positive))
+    assert all(grow[i] == 0 for i in range(n) if scores[i] == 0)
+    # proportional: a layer not at its room gets within one of its share of what is left
+    # after the full layers
+    free = [i for i in positive if grow[i] < room[i]]
+    if free:
+        left = sum(grow[i] for i in free)
+        total = sum(scores[i] for i in free)
+        for i in free:
+            assert abs(grow[i] - left * scores[i] / total) < 1 + 1e-9
+
+
+def test_redistribute_by_momentum_moves_weights_to_the_layer_that_learns() -> None:
+    """Sparse momentum: the total stays, the layer whose live weights have the larger mean
+    momentum grows more than it dropped, and the history records the moves."""
+    torch.manual_seed(0)
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    schedule = {"name": "set", "every": 3, "end": 100, "fraction": 0.3, "redistribute": "momentum"}
+    pruner = sc.Pruner(model, sparsity=0.9, schedule=schedule, optimizer=opt)
+    pruner.step()
+    start = _live(model)
+    _train_steps(model, pruner, opt, 2)
+    names = sorted(start)
+    # make one layer's momentum dominate, then run the update step
+    module = model.get_submodule(names[0].rsplit(".", 1)[0])
+    raw = raw_parameter(module, "weight")
+    opt.state[raw]["momentum_buffer"].mul_(1000)
+    _train_steps(model, pruner, opt, 1)
+    after = _live(model)
+    assert sum(after.values()) == sum(start.values())
+    assert after[names[0]] > start[names[0]]
+    assert all(after[n] <= start[n] for n in names[1:])
+    assert [e.kind for e in pruner.history][-1] == "drop_grow"
+
+
+def test_redistribute_refuses_unknown_rules_and_optimizers_without_momentum() -> None:
+    model = make_mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(sc.ConfigError, match="redistribute 'global' is unknown; allowed: none"):
+        sc.Pruner(model, sparsity=0.9, schedule={"name": "rigl", "redistribute": "global"})
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)  # no momentum
+    schedule = {"name": "set", "every": 2, "end": 100, "redistribute": "momentum"}
+    pruner = sc.Pruner(model, sparsity=0.9, schedule=schedule, optimizer=opt)
+    pruner.step()
+    opt.step()  # SGD without momentum keeps no per-weight state
+    with pytest.raises(sc.ConfigError, match="needs an optimizer that keeps a momentum"):
+        _train_steps(model, pruner, opt, 2)
+    no_opt = sc.Pruner(make_mlp(), sparsity=0.9, schedule=schedule)
+    no_opt.step()
+    with pytest.raises(sc.ConfigError, match="needs the optimizer"):
+        _train_steps(no_opt.model, no_opt, opt, 2)
 
 
 # --------------------------------------------------------------------------- lottery

@@ -54,9 +54,11 @@ from secateurs.selection import Selector, compile_selectors
 from secateurs.sparse_training import (
     WeightSnapshot,
     drop_and_grow,
+    drop_count,
     rescale_for_kept_fan_in_,
     reset_optimizer_state,
 )
+from secateurs.sparse_training import redistribute as redistribute_counts
 from secateurs.structures import NM, STRUCTURES, Elements, GroupScores, Structure
 from secateurs.targets import Target, find_targets
 
@@ -418,7 +420,7 @@ class Pruner:
         self._record("scale_init", self.measured_sparsity())
 
     def _on_drop_grow(self, event: DropGrow) -> None:
-        self.drop_and_grow(event.fraction, event.grow)
+        self.drop_and_grow(event.fraction, event.grow, event.redistribute)
 
     def _on_densify(self, event: Densify) -> None:
         self.densify()
@@ -444,8 +446,11 @@ class Pruner:
         if record:
             self._record("densify", 0.0)
 
-    def drop_and_grow(self, fraction: float, grow: str) -> None:
-        """One SET/RigL update of every target (see :func:`secateurs.sparse_training.drop_and_grow`)."""
+    def drop_and_grow(self, fraction: float, grow: str, redistribute: str = "none") -> None:
+        """One SET/RigL update of every target (see :func:`secateurs.sparse_training.drop_and_grow`).
+
+        ``redistribute="momentum"`` shares the weights dropped in all layers between them by
+        the mean momentum magnitude of each layer's live weights (:func:`redistribute`)."""
         gradients: dict[str, Tensor] = {}
         if grow == "gradient":
             if self.data is None:
@@ -453,19 +458,29 @@ class Pruner:
             gradients = dense_gradients(
                 self.model, self.targets, self.data, self.loss_fn, self.calibration_batches
             )
+        masks = [
+            (t.mask if t.mask is not None else torch.ones_like(t.raw, dtype=torch.bool)).cpu()
+            for t in self.targets
+        ]
+        grow_counts: list[int | None] = [None] * len(self.targets)
+        if redistribute == "momentum":
+            drops = [drop_count(int(m.sum()), fraction) for m in masks]
+            room = [m.numel() - int(m.sum()) + d for m, d in zip(masks, drops, strict=True)]
+            scores = [self._mean_momentum(t, m) for t, m in zip(self.targets, masks, strict=True)]
+            grow_counts = list(redistribute_counts(drops, scores, room))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.steps_done)
         updates = []
-        for t in self.targets:
-            mask = t.mask if t.mask is not None else torch.ones_like(t.raw, dtype=torch.bool)
+        for t, mask, count in zip(self.targets, masks, grow_counts, strict=True):
             new_mask, grown = drop_and_grow(
                 t.raw,
-                mask.cpu(),
+                mask,
                 fraction,
                 grow,
                 gradient=gradients.get(t.name),
                 generator=generator,
+                grow_count=count,
             )
-            updates.append((t, new_mask, grown, mask.cpu() ^ new_mask | grown))
+            updates.append((t, new_mask, grown, mask ^ new_mask | grown))
         changed: dict[int, Tensor] = {}
         for t, new_mask, grown, moved in updates:
             with torch.no_grad():
@@ -474,6 +489,38 @@ class Pruner:
             changed[id(t.raw)] = moved
         reset_optimizer_state(self.optimizer, changed)
         self._record("drop_grow", self.final_sparsity)
+
+    def _mean_momentum(self, target: Target, mask: Tensor) -> float:
+        """Mean magnitude of the optimizer's momentum (SGD's buffer, Adam's first moment)
+        over a target's live weights; what sparse momentum shares the regrowth by."""
+        if self.optimizer is None:
+            raise ConfigError(
+                "redistribute: momentum needs the optimizer: pass optimizer= to the Pruner"
+            )
+        group = next(
+            (g for g in self.optimizer.param_groups if any(p is target.raw for p in g["params"])),
+            None,
+        )
+        keeps_momentum = group is not None and (bool(group.get("momentum", 0)) or "betas" in group)
+        if not keeps_momentum:
+            raise ConfigError(
+                "redistribute: momentum needs an optimizer that keeps a momentum of "
+                f"{target.name} (SGD with momentum > 0, Adam and its kin); "
+                f"{type(self.optimizer).__name__} here keeps none"
+            )
+        state = self.optimizer.state.get(target.raw) or {}
+        buffer = next(
+            (
+                state[key]
+                for key in ("momentum_buffer", "exp_avg")
+                if isinstance(state.get(key), Tensor) and state[key].shape == target.raw.shape
+            ),
+            None,
+        )
+        live = mask.to(target.raw.device)
+        if buffer is None or not bool(live.any()):
+            return 0.0  # before the first optimizer step: every layer regrows its own
+        return float(buffer.detach().abs()[live].mean())
 
     def prune_to(
         self,

@@ -29,6 +29,10 @@ from secateurs.registry import Registry
 
 #: How a sparse initialisation's kept weights are scaled (see :class:`ScaleInit`).
 INIT_RULES = ("rescale", "none")
+#: How a drop-and-grow update shares the dropped weights between layers: ``none`` (each layer
+#: regrows its own) or ``momentum`` (in proportion to the mean optimizer momentum magnitude of
+#: each layer's live weights).
+REDISTRIBUTE_RULES = ("none", "momentum")
 
 # --------------------------------------------------------------------------- events
 
@@ -63,10 +67,13 @@ class ScaleInit:
 class DropGrow:
     """In every layer, drop the ``fraction`` of live weights with the smallest magnitude and
     grow as many dead ones (``grow="random"``: SET; ``"gradient"``: largest dense-gradient
-    magnitude, RigL). Grown weights start at zero; the sparsity is unchanged."""
+    magnitude, RigL). Grown weights start at zero; the sparsity is unchanged.
+    ``redistribute`` (one of :data:`REDISTRIBUTE_RULES`): ``none``
+    regrows in every layer what it dropped; ``momentum`` shares all the drops between layers."""
 
     fraction: float
     grow: str
+    redistribute: str = "none"
 
 
 @dataclass(frozen=True)
@@ -334,11 +341,19 @@ class Static(_SparseInit):
 @dataclass
 class _SparseFromStart(_SparseInit):
     """The sparse initialisation, then, every ``every`` steps before ``end``, a drop-and-grow
-    update of ``fraction`` of each layer's live weights."""
+    update of ``fraction`` of each layer's live weights.
+
+    ``redistribute``: ``none`` (as published) keeps every layer's count of live weights;
+    ``momentum`` (sparse momentum, Dettmers & Zettlemoyer 2019) shares the dropped weights
+    between layers in proportion to the mean optimizer momentum magnitude of each layer's live
+    weights, so the per-layer densities move from the initial distribution to where training
+    pulls; the total stays the sparsity asked. It needs an optimizer with momentum.
+    """
 
     every: int = 100
     end: int = 1000
     fraction: float = 0.3
+    redistribute: str = "none"
 
     _grow: ClassVar[str] = "random"
     moves_weights = True
@@ -348,6 +363,11 @@ class _SparseFromStart(_SparseInit):
         check_int(self.every, f"{type(self).__name__} every", 1)
         check_int(self.end, f"{type(self).__name__} end", 1)
         self.fraction = check_fraction(self.fraction, f"{type(self).__name__} fraction")
+        if self.redistribute not in REDISTRIBUTE_RULES:
+            raise ConfigError(
+                f"{type(self).__name__} redistribute {self.redistribute!r} is unknown; "
+                f"allowed: {', '.join(REDISTRIBUTE_RULES)}"
+            )
 
     def fraction_at(self, step: int) -> float:
         return self.fraction
@@ -357,7 +377,7 @@ class _SparseFromStart(_SparseInit):
             return super().events_at(step, final)
         if step % self.every or step >= self.end:
             return []
-        return [DropGrow(self.fraction_at(step), self._grow)]
+        return [DropGrow(self.fraction_at(step), self._grow, self.redistribute)]
 
     def last_step(self, final: float | None = None) -> int:
         return max(0, ((self.end - 1) // self.every) * self.every)

@@ -6,6 +6,9 @@ do more than prune further:
 * :func:`drop_and_grow`: in one tensor, drop the live weights of smallest magnitude and grow as
   many dead ones, at random (SET) or where the dense gradient is largest (RigL). The number of
   live weights is unchanged, so the sparsity stays the one asked, layer by layer.
+* :func:`redistribute`: how many weights each layer grows when the dropped ones are shared
+  between layers instead (sparse momentum, Dettmers & Zettlemoyer 2019): the layers whose
+  weights are still moving get more, so the per-layer densities are learnt during training.
 * :class:`WeightSnapshot`: the lottery ticket's rewind point (every parameter and buffer except
   the masks), restored with the current masks applied.
 * :func:`reset_optimizer_state`: a grown or rewound weight must not inherit momentum or Adam
@@ -16,7 +19,8 @@ do more than prune further:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,26 +39,29 @@ def drop_and_grow(
     *,
     gradient: Tensor | None = None,
     generator: torch.Generator | None = None,
+    grow_count: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """New keep-mask of ``weight`` after one update, and the positions grown.
 
     ``k = floor(fraction * live)`` live weights with the smallest ``|weight|`` are dropped (ties
     by position), then ``k`` positions among the dead ones (just-dropped included, as in RigL)
-    are grown: uniformly at random, or by largest ``|gradient|``.
+    are grown: uniformly at random, or by largest ``|gradient|``. ``grow_count`` grows that
+    many instead of ``k`` (at most the dead positions), when layers share their drops.
     """
     if grow not in GROW_RULES:
         raise ConfigError(f"grow rule {grow!r} is unknown; allowed: {', '.join(GROW_RULES)}")
     flat_mask = mask.reshape(-1).to(torch.bool)
     live = int(flat_mask.sum())
-    k = int(fraction * live)
+    k = drop_count(live, fraction)
+    n_grow = k if grow_count is None else grow_count
     grown = torch.zeros_like(flat_mask)
-    if k == 0:
+    if k == 0 and n_grow == 0:
         return flat_mask.clone().reshape(mask.shape), grown.reshape(mask.shape)
-    magnitude = weight.detach().reshape(-1).abs().to(torch.float32)
-    magnitude = torch.where(flat_mask, magnitude, torch.full_like(magnitude, float("inf")))
-    drop = torch.argsort(magnitude, stable=True)[:k]
     kept = flat_mask.clone()
-    kept[drop] = False
+    if k:
+        magnitude = weight.detach().reshape(-1).abs().to(torch.float32)
+        magnitude = torch.where(flat_mask, magnitude, torch.full_like(magnitude, float("inf")))
+        kept[torch.argsort(magnitude, stable=True)[:k]] = False
     if grow == "random":
         score = torch.rand(kept.shape, generator=generator)
     else:
@@ -62,9 +69,51 @@ def drop_and_grow(
             raise ConfigError("growing by gradient needs the dense gradient of the tensor")
         score = gradient.detach().reshape(-1).abs().to(torch.float32).cpu()
     score = torch.where(kept, torch.full_like(score, -float("inf")), score)
-    chosen = torch.argsort(score, descending=True, stable=True)[:k]
+    n_grow = min(n_grow, int((~kept).sum()))
+    chosen = torch.argsort(score, descending=True, stable=True)[:n_grow]
     grown[chosen] = True
     return (kept | grown).reshape(mask.shape), grown.reshape(mask.shape)
+
+
+def drop_count(live: int, fraction: float) -> int:
+    """The number of a layer's ``live`` weights one update drops: ``floor(fraction * live)``."""
+    return int(fraction * live)
+
+
+def redistribute(drops: Sequence[int], scores: Sequence[float], room: Sequence[int]) -> list[int]:
+    """Grow counts per layer that share ``sum(drops)`` in proportion to ``scores``.
+
+    A layer grows at most ``room`` weights (its dead positions after the drop); what a full
+    layer cannot take is shared again among the others, in the same proportions. Counts are
+    whole: the largest remainders get the leftover units. Layers whose scores are all zero (or
+    not finite) grow what they dropped.
+    """
+    total = sum(drops)
+    weights = [s if math.isfinite(s) and s > 0 else 0.0 for s in scores]
+    if sum(weights) <= 0:
+        return [min(d, r) for d, r in zip(drops, room, strict=True)]
+    grow = [0] * len(drops)
+    open_ = [i for i, w in enumerate(weights) if w > 0 and room[i] > 0]
+    left = total
+    while left > 0 and open_:
+        weight_sum = sum(weights[i] for i in open_)
+        share = {i: left * weights[i] / weight_sum for i in open_}
+        full = [i for i in open_ if share[i] >= room[i] - grow[i]]
+        if full:  # cap the layers that overflow, then share the rest again
+            for i in full:
+                left -= room[i] - grow[i]
+                grow[i] = room[i]
+            open_ = [i for i in open_ if i not in full]
+            continue
+        whole = {i: math.floor(share[i]) for i in open_}
+        for i in open_:
+            grow[i] += whole[i]
+        left -= sum(whole.values())
+        by_remainder = sorted(open_, key=lambda i: (whole[i] - share[i], i))
+        for i in by_remainder[:left]:
+            grow[i] += 1
+        left = 0
+    return grow
 
 
 def rescale_for_kept_fan_in_(weight: Tensor, mask: Tensor, transposed: bool = False) -> Tensor:
