@@ -1,6 +1,7 @@
 """Structural pruning: secateurs' ``shrink`` against Torch-Pruning at the same MACs budget.
 
-Two parts, both on this machine's CPU:
+Three parts, all on this machine's CPU (``--part time``: ``shrink`` as a whole against one
+Torch-Pruning pass on ResNet-50, interleaved rounds; see :func:`time_part`):
 
 * ``accuracy``: the zoo's VGG-BN on Fashion-MNIST, trained dense (cached per seed), then for
   each seed and method: remove channels down to the same MACs budget (50% by default) and
@@ -361,6 +362,51 @@ def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def time_part(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per model: ``shrink`` to ``--keep`` of the MACs as a whole (copy, trace, scoring, MACs
+    search, surgery, check run) against one Torch-Pruning pass at ``pruning_ratio=0.3`` (copy,
+    graph, prune), ``--rounds`` interleaved rounds in one process, medians."""
+    rows: list[dict[str, Any]] = []
+    for name in args.models:
+        build, shape, _ = SPEED_MODELS[name]
+        torch.manual_seed(0)
+        model = build().eval()
+        x1 = torch.randn(1, *shape)
+        ours: list[float] = []
+        theirs: list[float] = []
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            sc.shrink(model, x1, budget=sc.MACs(args.keep))
+            ours.append(time.perf_counter() - t0)
+            t_tp = _tp_pass(model, x1, name)[1]
+            if t_tp is not None:
+                theirs.append(t_tp)
+        row = {
+            "part": "time",
+            "model": name,
+            "keep": args.keep,
+            "shrink_seconds": statistics.median(ours),
+            "shrink_seconds_all": ours,
+            "torch_pruning_seconds": statistics.median(theirs) if theirs else None,
+            "torch_pruning_seconds_all": theirs,
+            "ratio_per_round_median": statistics.median(
+                o / t for o, t in zip(ours, theirs, strict=False)
+            )
+            if theirs
+            else None,
+        }
+        rows.append(row)
+        tp_s = row["torch_pruning_seconds"]
+        print(
+            f"{name:<13} shrink to {args.keep:.2f} of the MACs {row['shrink_seconds']:.3f} s, "
+            f"Torch-Pruning pass {'failed' if tp_s is None else f'{tp_s:.3f} s'} "
+            f"(ratio {row['ratio_per_round_median'] or float('nan'):.2f}, the median of the rounds) "
+            f"(medians of {args.rounds}, {torch.get_num_threads()} threads)",
+            flush=True,
+        )
+    return rows
+
+
 def summarise(rows: list[dict[str, Any]]) -> None:
     acc = [r for r in rows if r["part"] == "accuracy"]
     if acc:
@@ -384,7 +430,7 @@ def summarise(rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["accuracy", "speed", "both"], default="both")
+    parser.add_argument("--part", choices=["accuracy", "speed", "time", "both"], default="both")
     parser.add_argument("--model", default="vgg-bn", help="zoo model of the accuracy part")
     parser.add_argument(
         "--models", nargs="+", default=list(SPEED_MODELS), choices=list(SPEED_MODELS)
@@ -422,6 +468,8 @@ def main() -> None:
         rows += accuracy_part(args)
     if args.part in ("speed", "both"):
         rows += speed_part(args)
+    if args.part == "time":
+        rows += time_part(args)
     summarise(rows)
     args.machine = {
         "platform": platform.platform(),

@@ -91,6 +91,21 @@ def test_shrunk_model_equals_the_masked_model_and_the_original_is_untouched() ->
     )
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_the_shrunk_copy_shares_no_tensor_with_the_original(train: bool) -> None:
+    # eval mode takes the sharing copy (tensors shared until surgery), train mode a full copy
+    model = resnet().train(train)
+    small, _ = shrunk(model, X[:1], budget=sc.MACs(0.6))
+    ours = {t.data_ptr() for t in [*small.parameters(), *small.buffers()] if t.numel()}
+    theirs = {t.data_ptr() for t in [*model.parameters(), *model.buffers()] if t.numel()}
+    assert not ours & theirs
+    before = state_copy(model)
+    with torch.no_grad():
+        for t in [*small.parameters(), *small.buffers()]:
+            t.add_(1)
+    assert same_state(model, before)
+
+
 def test_params_and_channel_budgets() -> None:
     model = vgg()
     total = sum(p.numel() for p in model.parameters())

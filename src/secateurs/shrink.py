@@ -604,7 +604,8 @@ def shrink(
         )
     budget = _budget(budget)
     start = time.perf_counter()
-    small = copy.deepcopy(model)
+    sharing = data is None and not any(m.training for m in model.modules())
+    small = _copy_sharing(model) if sharing else copy.deepcopy(model)
     graph0 = build_graph(small, example_inputs, strict=config.strict)
     shapes = {ref.qualname: s for ref, s in graph0.shapes.items()}
     measure0 = channel_measure(budget, graph0, small, example_inputs) if steps > 1 else None
@@ -623,6 +624,8 @@ def shrink(
         )
         fallbacks += step_fallbacks
         apply_plan_(small, step_plan)
+        if sharing and step == 1:
+            _unshare_(small, model)
         if _reconstructs(config, data):
             assert data is not None
             norms = _unreconstructed_batchnorms(small, example_inputs, step_plan, refitted)
@@ -652,6 +655,37 @@ def shrink(
         ),
     )
     return small
+
+
+def _tensors(model: nn.Module) -> Iterable[Tensor]:
+    return itertools.chain(model.parameters(), model.buffers())
+
+
+def _copy_sharing(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are ``model``'s own objects.
+
+    Copying every weight only for surgery to replace most of them by sliced copies costs
+    ``shrink`` a second allocation of the whole network. On the data-free path of an
+    eval-mode model nothing writes to a tensor before surgery (tracing and scoring read,
+    surgery assigns new tensors), so the copy shares them until :func:`_unshare_` copies the
+    ones surgery kept.
+    """
+    return copy.deepcopy(model, {id(t): t for t in _tensors(model)})
+
+
+def _unshare_(small: nn.Module, model: nn.Module) -> None:
+    """Give ``small`` its own copy of every parameter and buffer it still shares with
+    ``model`` (ties between tensors kept: one copy per shared object)."""
+    originals = {id(t) for t in _tensors(model)}
+    copies: dict[int, Tensor] = {}
+    for module in small.modules():
+        tables: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)
+        for table in tables:
+            for name, t in table.items():
+                if t is not None and id(t) in originals:
+                    if id(t) not in copies:
+                        copies[id(t)] = copy.deepcopy(t)
+                    table[name] = copies[id(t)]
 
 
 def _unreconstructed_batchnorms(
