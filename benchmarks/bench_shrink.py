@@ -267,15 +267,21 @@ def _tp_pass(model: nn.Module, x1: torch.Tensor, name: str) -> tuple[float | Non
         return None, None, None
 
 
+def _speed_model(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """The speed model ``name`` in eval mode with seeded random weights, and its batch-1 input
+    (drawn next from the same seeded stream)."""
+    build, shape, _ = SPEED_MODELS[name]
+    torch.manual_seed(0)
+    return build().eval(), torch.randn(1, *shape)
+
+
 def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Per model: the dense model and one shrunk copy per ``--round-to`` value, timed in
     interleaved rounds so all see the same machine load."""
     rows: list[dict[str, Any]] = []
     for name in args.models:
-        build, shape, big = SPEED_MODELS[name]
-        torch.manual_seed(0)
-        model = build().eval()
-        x1 = torch.randn(1, *shape)
+        _, shape, big = SPEED_MODELS[name]
+        model, x1 = _speed_model(name)
         xb = torch.randn(big, *shape)
         dense_macs = macs_of(model, x1)
         t0 = time.perf_counter()
@@ -368,10 +374,7 @@ def time_part(args: argparse.Namespace) -> list[dict[str, Any]]:
     graph, prune), ``--rounds`` interleaved rounds in one process, medians."""
     rows: list[dict[str, Any]] = []
     for name in args.models:
-        build, shape, _ = SPEED_MODELS[name]
-        torch.manual_seed(0)
-        model = build().eval()
-        x1 = torch.randn(1, *shape)
+        model, x1 = _speed_model(name)
         ours: list[float] = []
         theirs: list[float] = []
         for _ in range(args.rounds):
