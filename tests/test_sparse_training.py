@@ -338,9 +338,14 @@ def test_redistribute_shares_every_drop_in_proportion_within_room(
     if not positive:
         assert grow == drops  # no signal: each layer regrows its own
         return
-    # every dropped weight comes back somewhere, unless every scored layer is full
-    assert sum(grow) == min(sum(drops), sum(room[i] for i in positive))
-    assert all(grow[i] == 0 for i in range(n) if scores[i] == 0)
+    # every dropped weight comes back somewhere; unscored layers take only what the full
+    # scored layers cannot, each first up to its own drops
+    assert sum(grow) == sum(drops)
+    overflow = max(0, sum(drops) - sum(room[i] for i in positive))
+    unscored = [i for i in range(n) if scores[i] == 0]
+    assert sum(grow[i] for i in unscored) == overflow
+    if overflow <= sum(drops[i] for i in unscored):
+        assert all(grow[i] <= drops[i] for i in unscored)
     # proportional: a layer not at its room gets within one of its share of what is left
     # after the full layers
     free = [i for i in positive if grow[i] < room[i]]

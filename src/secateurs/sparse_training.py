@@ -86,7 +86,9 @@ def redistribute(drops: Sequence[int], scores: Sequence[float], room: Sequence[i
     A layer grows at most ``room`` weights (its dead positions after the drop); what a full
     layer cannot take is shared again among the others, in the same proportions. Counts are
     whole: the largest remainders get the leftover units. Layers whose scores are all zero (or
-    not finite) grow what they dropped.
+    not finite) grow what they dropped. When every scored layer is full, the rest goes back to
+    the unscored layers, each first up to what it dropped, then into any room left, so no
+    dropped weight is lost while some layer has room for it.
     """
     total = sum(drops)
     weights = [s if math.isfinite(s) and s > 0 else 0.0 for s in scores]
@@ -113,6 +115,13 @@ def redistribute(drops: Sequence[int], scores: Sequence[float], room: Sequence[i
         for i in by_remainder[:left]:
             grow[i] += 1
         left = 0
+    for cap in (drops, room):  # leftovers of full scored layers: unscored layers, in order
+        for i in range(len(grow)):
+            if left <= 0:
+                break
+            take = min(left, max(0, min(cap[i], room[i]) - grow[i]))
+            grow[i] += take
+            left -= take
     return grow
 
 
