@@ -506,3 +506,16 @@ def test_sparse_schedules_survive_state_dict_and_deepcopy() -> None:
     sc.load_masked_state_dict_(fresh, model.state_dict())
     x = torch.randn(4, 16)
     assert torch.equal(clone(x), model(x)) and torch.equal(fresh(x), model(x))
+
+
+def test_drop_and_grow_drops_nan_weights_first_and_keeps_the_count() -> None:
+    """A diverged step leaves NaN weights: they are the first dropped, and the number of live
+    weights stays what it was (a NaN must not make a dead position look droppable)."""
+    w = torch.arange(1.0, 17.0).reshape(4, 4)
+    mask = torch.zeros(16, dtype=torch.bool)
+    mask[[1, 3, 5, 7, 9, 11]] = True
+    w.view(-1)[[7, 11]] = float("nan")
+    new, grown = drop_and_grow(w, mask.reshape(4, 4), 0.34, "random")
+    assert int(new.sum()) == 6
+    kept = (new & ~grown).reshape(-1)
+    assert kept.nonzero().squeeze(1).tolist() == [1, 3, 5, 9]  # 7 and 11 (NaN) dropped

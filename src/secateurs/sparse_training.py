@@ -58,10 +58,10 @@ def drop_and_grow(
     if k == 0 and n_grow == 0:
         return flat_mask.clone().reshape(mask.shape), grown.reshape(mask.shape)
     kept = flat_mask.clone()
-    if k:
-        magnitude = weight.detach().reshape(-1).abs().to(torch.float32)
-        magnitude = torch.where(flat_mask, magnitude, torch.full_like(magnitude, float("inf")))
-        kept[torch.argsort(magnitude, stable=True)[:k]] = False
+    if k:  # rank the live weights only, a NaN one (a diverged step) first to go
+        live_at = flat_mask.nonzero().squeeze(1)
+        magnitude = weight.detach().reshape(-1)[live_at.to(weight.device)].abs().float().cpu()
+        kept[live_at[torch.argsort(magnitude.nan_to_num(nan=0.0), stable=True)[:k]]] = False
     if grow == "random":
         score = torch.rand(kept.shape, generator=generator)
     else:
