@@ -785,8 +785,10 @@ def plan_channel_count(graph: ChannelGraph, plan: ChannelPlan) -> int:
     total = 0
     for g in graph.prunable_groups:
         m = g.members[0]
-        gone = set(plan.removed.get(m.ref.qualname, {}).get(m.dim, []))
-        total += len({int(m.channel[i]) for i in gone if int(m.channel[i]) >= 0})
+        gone = plan.removed.get(m.ref.qualname, {}).get(m.dim, [])
+        if gone:
+            channels = m.channel[torch.tensor(gone, dtype=torch.long)]
+            total += int(torch.unique(channels[channels >= 0]).numel())
     return total
 
 

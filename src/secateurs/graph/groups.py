@@ -35,9 +35,7 @@ class Member:
 
     def positions(self, channels: Tensor) -> Tensor:
         """Positions along :attr:`dim` that belong to any of ``channels`` (a bool mask [G])."""
-        inside = self.channel >= 0
-        hit = torch.zeros_like(inside)
-        hit[inside] = channels[self.channel[inside]]
+        hit = channels[self.channel.clamp(min=0)] & (self.channel >= 0)
         return hit.nonzero().flatten()
 
 
@@ -105,7 +103,8 @@ class ChannelGraph:
                 continue
             for m in g.members:
                 out[(m.ref, m.dim)].append(m.positions(mask))
-        return {k: torch.unique(torch.cat(v)) for k, v in out.items()}
+        # one member's positions are sorted and distinct already (nonzero's order)
+        return {k: v[0] if len(v) == 1 else torch.unique(torch.cat(v)) for k, v in out.items()}
 
     def _build_counts(self) -> None:
         """Index every (tensor, dim) and every channel once, for fast budget arithmetic."""
@@ -168,9 +167,14 @@ class ChannelGraph:
             self._build_counts()
         lost = torch.zeros(self._num_keys + 1, dtype=torch.float64)
         if removed:
+            # removed count per group in a few ops, not one reduction per group
+            masks = list(removed.values())
+            owner = torch.repeat_interleave(
+                torch.tensor(list(removed), dtype=torch.long),
+                torch.tensor([m.numel() for m in masks], dtype=torch.long),
+            )
             n = torch.zeros(self._group_slots, dtype=torch.float64)
-            for gi, mask in removed.items():
-                n[gi] = float(mask.sum())
+            n.index_add_(0, owner, torch.cat(masks).to(torch.float64))
             lost.index_add_(0, self._even_rows, self._even_vals * n[self._even_groups])
             uneven = [gi for gi in removed if gi in self._uneven_groups]
             if uneven:
@@ -238,39 +242,59 @@ def build_groups(state: TraceState, shapes: dict[TensorRef, tuple[int, ...]]) ->
     if not raw:
         return ChannelGraph([], state.weight_uses, shapes, state.unhandled, state.output_shapes)
 
+    # every (member, class) entry in one flat tensor: member j's classes, in position order
+    sizes = torch.tensor([len(cls) for _, _, cls in raw], dtype=torch.long)
+    flat = torch.cat([cls for _, _, cls in raw])
+    member = torch.repeat_interleave(torch.arange(len(raw)), sizes)
+    within = torch.arange(len(flat)) - torch.repeat_interleave(
+        torch.cumsum(sizes, 0) - sizes, sizes
+    )
     # a class's signature is the set of tensor dims it appears in: summed random 63-bit keys
     keys = torch.randint(1, 2**62, (len(raw),), generator=torch.Generator().manual_seed(0))
+    pairs = torch.unique(member * n + flat)  # each (member, class) once
     signature = torch.zeros(n, dtype=torch.long)
+    signature.index_add_(0, pairs % n, keys[pairs // n])
+    # position of each class's first appearance, in member order then position order
     first = torch.full((n,), torch.iinfo(torch.long).max, dtype=torch.long)
-    for j, (_, _, cls) in enumerate(raw):
-        present = torch.unique(cls)
-        signature.index_add_(0, present, keys[j].expand(len(present)))
-        # position of each class's first appearance, in member order then position order
-        first.scatter_reduce_(0, cls, j * (1 << 32) + torch.arange(len(cls)), reduce="amin")
-    classes = torch.unique(torch.cat([cls for _, _, cls in raw]))
+    first.scatter_reduce_(0, flat, member * (1 << 32) + within, reduce="amin")
+    classes = torch.unique(flat)
     _, group_idx = torch.unique(signature[classes], return_inverse=True)
     order = torch.argsort(first[classes])
-    group_ids = group_idx[order]
+    classes, group_idx = classes[order], group_idx[order]  # by first appearance
     # number groups by first appearance, keep channels in order of appearance
-    seen: dict[int, list[int]] = {}
-    for gi, c in zip(group_ids.tolist(), classes[order].tolist(), strict=True):
-        seen.setdefault(gi, []).append(c)
+    first_seen = torch.full((int(group_idx.max()) + 1,), len(classes), dtype=torch.long)
+    first_seen.scatter_reduce_(0, group_idx, torch.arange(len(classes)), reduce="amin")
+    number = torch.empty_like(first_seen)
+    number[torch.argsort(first_seen)] = torch.arange(len(first_seen))
+    group_idx = number[group_idx]
+    by_group = torch.argsort(group_idx, stable=True)
+    classes, group_idx = classes[by_group], group_idx[by_group]
+    counts = torch.bincount(group_idx)
+    starts = torch.cumsum(counts, 0) - counts
 
     group_of = torch.full((n,), -1, dtype=torch.long)
     index_of = torch.full((n,), -1, dtype=torch.long)
+    group_of[classes] = group_idx
+    index_of[classes] = torch.arange(len(classes)) - starts[group_idx]
     groups: list[ChannelGroup] = []
-    for members in seen.values():
-        cls_t = torch.tensor(members, dtype=torch.long)
-        g = len(groups)
-        group_of[cls_t] = g
-        index_of[cls_t] = torch.arange(len(members))
+    for g, cls_t in enumerate(torch.split(classes, counts.tolist())):
         why = torch.unique(reason_of[cls_t])
         because = sorted({state.ids.pins[i][1] for i in why.tolist() if i >= 0})
-        groups.append(ChannelGroup(g, [], len(members), ~pinned[cls_t], because))
-    for ref, dim, cls in raw:
-        owner = group_of[cls]
-        for g in torch.unique(owner).tolist():
-            groups[g].members.append(Member(ref, dim, torch.where(owner == g, index_of[cls], -1)))
+        groups.append(ChannelGroup(g, [], len(cls_t), ~pinned[cls_t], because))
+    owner = group_of[flat]
+    lowest = torch.full((len(raw),), len(groups), dtype=torch.long)
+    lowest.scatter_reduce_(0, member, owner, reduce="amin")
+    highest = torch.full((len(raw),), -1, dtype=torch.long)
+    highest.scatter_reduce_(0, member, owner, reduce="amax")
+    owners = torch.split(owner, sizes.tolist())
+    index = torch.split(index_of[flat], sizes.tolist())
+    for j, (ref, dim, _) in enumerate(raw):
+        lo, hi = int(lowest[j]), int(highest[j])
+        if lo == hi:  # the usual case: the whole dim belongs to one group
+            groups[lo].members.append(Member(ref, dim, index[j].clone()))
+            continue
+        for g in torch.unique(owners[j]).tolist():
+            groups[g].members.append(Member(ref, dim, torch.where(owners[j] == g, index[j], -1)))
     return ChannelGraph(groups, state.weight_uses, shapes, state.unhandled, state.output_shapes)
 
 

@@ -57,7 +57,10 @@ class IdSpace:
         """Tie ids ``a`` and ``b`` elementwise (same shape); pairs with a ``-1`` pin the other."""
         a, b = a.reshape(-1), b.reshape(-1)
         both = (a >= 0) & (b >= 0)
-        if bool(both.any()):
+        if bool(both.all()):  # the usual case: no copies (labels are never written in place)
+            if a.numel():
+                self.edges.append((a, b))
+        elif bool(both.any()):
             self.edges.append((a[both], b[both]))
 
     def join_mixed(self, a: Tensor, b: Tensor, reason: str) -> None:
@@ -77,6 +80,12 @@ class IdSpace:
         """
         ids = ids.reshape(-1)
         gap = (rows < 0).any(dim=1) | (ids < 0)
+        if not bool(gap.any()):  # the usual case: every pair is two channels, nothing pinned
+            if rows.numel():
+                self.edges.append(
+                    (ids.reshape(-1, 1).expand_as(rows).reshape(-1), rows.reshape(-1))
+                )
+            return
         self.join(ids.reshape(-1, 1).expand_as(rows), rows)
         stuck = torch.cat([ids[gap], rows[gap][rows[gap] >= 0]])
         if stuck.numel():  # a position fed by something that is not a channel stays

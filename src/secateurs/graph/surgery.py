@@ -184,10 +184,11 @@ def _owners(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, bool]]]:
 
 
 def _keep(size: int, removed: list[int], name: str, dim: int) -> Tensor:
-    if any(not 0 <= i < size for i in removed):
+    idx = torch.tensor(removed, dtype=torch.long)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
         raise ConfigError(f"plan removes index out of range from {name} dim {dim} (size {size})")
     keep = torch.ones(size, dtype=torch.bool)
-    keep[removed] = False
+    keep[idx] = False
     if not bool(keep.any()):
         raise ConfigError(f"plan removes every position of {name} dim {dim}")
     return keep.nonzero().flatten()
