@@ -854,3 +854,28 @@ def test_random_architectures_prune_exactly(
     prune_exactly(model, x, removed)
     # every group whose channels all feed only convolutions and the classifier is prunable
     assert graph.prunable_groups
+
+
+def test_budget_arithmetic_counts_members_whose_channels_cover_unequal_positions() -> None:
+    """A member whose channels own different numbers of positions (channel 0 two positions,
+    channel 2 three, one position in no channel) takes the uneven path of the MACs count."""
+    from secateurs.graph.groups import Member
+    from secateurs.graph.state import TensorRef, WeightUse
+
+    a, b = TensorRef("a", "weight"), TensorRef("b", "weight")
+    wide = ChannelGroup(
+        0,
+        [Member(a, 0, torch.tensor([0, 1, 2])), Member(b, 1, torch.tensor([0, 0, 1, -1, 2, 2, 2]))],
+        3,
+        torch.ones(3, dtype=torch.bool),
+    )
+    rows = ChannelGroup(1, [Member(b, 0, torch.tensor([0, 1]))], 2, torch.ones(2, dtype=torch.bool))
+    graph = ChannelGraph(
+        [wide, rows], [WeightUse(a, 5), WeightUse(b, 7)], {a: (3, 4), b: (2, 7)}, []
+    )
+    assert graph.macs() == 3 * 4 * 5 + 2 * 7 * 7
+    cut = {0: torch.tensor([True, False, True]), 1: torch.tensor([False, True])}
+    # channels 0 and 2 take 2 + 3 of b's 7 input positions; the -1 position stays
+    assert graph.shapes_after(cut) == {a: (1, 4), b: (1, 2)}
+    assert graph.macs(cut) == 1 * 4 * 5 + 1 * 2 * 7
+    assert graph.macs({0: torch.tensor([True, False, False])}) == 2 * 4 * 5 + 2 * 5 * 7

@@ -113,20 +113,40 @@ class ChannelGraph:
         even: list[tuple[int, int, float]] = []  # (key, group, positions per channel)
         self._offsets: dict[int, int] = {}
         self._uneven_groups: set[int] = set()
+        members = [(g, m) for g in self.groups for m in g.members]
+        # positions per (member, channel), for every member at once: one bincount over slots
+        slots = torch.tensor([g.size for g, _ in members], dtype=torch.long)
+        start = torch.cumsum(slots, 0) - slots
+        chan = torch.cat([m.channel for _, m in members]) if members else torch.zeros(0).long()
+        owner = torch.repeat_interleave(
+            torch.arange(len(members)),
+            torch.tensor([m.channel.numel() for _, m in members], dtype=torch.long),
+        )
+        inside = chan >= 0
+        counts = torch.bincount((start[owner] + chan)[inside], minlength=int(slots.sum()))
+        slot_owner = torch.repeat_interleave(torch.arange(len(members)), slots)
+        lo = torch.full((len(members),), -1, dtype=torch.long)
+        lo.scatter_reduce_(0, slot_owner, counts, reduce="amin", include_self=False)
+        hi = torch.full((len(members),), -1, dtype=torch.long)
+        hi.scatter_reduce_(0, slot_owner, counts, reduce="amax", include_self=False)
+        is_even = ((lo == hi) & (slots > 0)).tolist()  # one count per channel
+        per_channel, starts = lo.tolist(), start.tolist()
         total = 0
+        j = 0
         for g in self.groups:
             self._offsets[g.index] = total
             for m in g.members:
                 row = keys.setdefault((m.ref, m.dim), len(keys))
-                counts = torch.bincount(m.channel[m.channel >= 0], minlength=g.size)
-                if counts.numel() and bool((counts == counts[0]).all()):  # one count per channel
-                    even.append((row, g.index, float(counts[0])))
-                    continue
-                self._uneven_groups.add(g.index)
-                nz = counts.nonzero().flatten()
-                rows.append(torch.full((len(nz),), row))
-                cols.append(nz + total)
-                vals.append(counts[nz].to(torch.float64))
+                if is_even[j]:
+                    even.append((row, g.index, float(per_channel[j])))
+                else:
+                    self._uneven_groups.add(g.index)
+                    mine = counts[starts[j] : starts[j] + g.size]
+                    nz = mine.nonzero().flatten()
+                    rows.append(torch.full((len(nz),), row))
+                    cols.append(nz + total)
+                    vals.append(mine[nz].to(torch.float64))
+                j += 1
             total += g.size
         self._channels_total = total
         self._count_rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
@@ -139,12 +159,17 @@ class ChannelGraph:
         # every tensor as a row of its dims' sizes and (tensor, dim) indices; -1: no index
         self._tensor_rows = {ref: i for i, ref in enumerate(self.shapes)}
         width = max((len(s) for s in self.shapes.values()), default=0)
-        self._dim_sizes = torch.ones(len(self.shapes), width, dtype=torch.float64)
-        self._dim_keys = torch.full((len(self.shapes), width), len(keys), dtype=torch.long)
-        for ref, i in self._tensor_rows.items():
-            for d, size in enumerate(self.shapes[ref]):
-                self._dim_sizes[i, d] = size
-                self._dim_keys[i, d] = keys.get((ref, d), len(keys))
+        pad = [1] * width
+        self._dim_sizes = torch.tensor(
+            [[*s, *pad[len(s) :]] for s in self.shapes.values()], dtype=torch.float64
+        ).reshape(len(self.shapes), width)
+        self._dim_keys = torch.tensor(
+            [
+                [keys.get((ref, d), len(keys)) for d in range(width)]
+                for ref in self._tensor_rows  # a padding dim is no (tensor, dim): no key
+            ],
+            dtype=torch.long,
+        ).reshape(len(self.shapes), width)
         self._num_keys = len(keys)
         self._use_rows = torch.tensor(
             [self._tensor_rows[u.ref] for u in self.weight_uses], dtype=torch.long
