@@ -463,3 +463,36 @@ def test_reconstruction_options_are_checked_and_nothing_changes() -> None:
     with pytest.raises(sc.ConfigError, match="reconstruct_samples"):
         sc.shrink(model, X[:1], sc.MACs(0.5), data=_batches(1, 0, model), reconstruct_samples=0)
     assert same_state(model, before)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("keep", [0.3, 0.55, 0.8])
+def test_budget_search_skipping_groups_that_broke_a_count_budget_finds_the_same_cut(
+    allocation: str, keep: float
+) -> None:
+    """The give-back step skips a group whose step back broke a MACs budget (it can only cost
+    more later); on a count budget that must change nothing, only the number of measurements."""
+    from secateurs.shrink import ShrinkConfig, _search, channel_candidates, channel_measure
+
+    torch.manual_seed(0)
+    model = build_model("resnet-20").eval()
+    x = torch.randn(1, 1, 28, 28)
+    config = ShrinkConfig(allocation=allocation)
+    graph, cands, _ = channel_candidates(model, x, config)
+    value, limit, unit = channel_measure(sc.MACs(keep), graph, model, x)
+    calls = [0, 0]
+
+    def counted(slot: int) -> Any:
+        def measure(removed: dict[int, torch.Tensor]) -> float:
+            calls[slot] += 1
+            return value(removed)
+
+        return measure
+
+    assert config.allocation_ is not None
+    fast = _search(cands, (counted(0), limit, unit), config.allocation_, None, monotone=True)
+    slow = _search(cands, (counted(1), limit, unit), config.allocation_, None, monotone=False)
+    assert fast.keys() == slow.keys()
+    assert all(torch.equal(fast[g], slow[g]) for g in fast)
+    assert value(fast) <= limit
+    assert calls[0] < calls[1]  # and it measured fewer removals

@@ -185,6 +185,16 @@ def _removal(
 ) -> dict[int, Tensor]:
     """Channels to remove for ``amount`` in [0, 1] of the removable ones, or, when
     ``allocation`` is a :class:`LayerMap` (group name or regex -> fraction removed), for it."""
+    return _Masks(cands)(_counts(cands, amount, allocation, round_to))
+
+
+def _counts(
+    cands: list[_Candidates],
+    amount: float,
+    allocation: str | LayerMap,
+    round_to: int | None,
+) -> dict[int, int]:
+    """How many channels :func:`_removal` takes from each group (groups losing none left out)."""
     counts: dict[int, int] = {}
     if not cands:
         return {}
@@ -206,14 +216,40 @@ def _removal(
         per = torch.bincount(chosen, minlength=len(cands))
         for i, c in enumerate(cands):
             counts[c.group.index] = int(per[i])
-    removed = {}
+    out = {}
     for c in cands:
         n = c.kept_after(counts[c.group.index], round_to)
         if n > 0:
-            mask = torch.zeros(c.group.size, dtype=torch.bool)
-            mask[c.order[:n]] = True
-            removed[c.group.index] = mask
-    return removed
+            out[c.group.index] = n
+    return out
+
+
+class _Masks:
+    """Removal masks from per-group counts: every group's removal order in one flat tensor,
+    so a budget search that builds masks for dozens of counts pays a few tensor ops each,
+    not two per group."""
+
+    def __init__(self, cands: list[_Candidates]) -> None:
+        self.cands = cands
+        self.sizes = [c.group.size for c in cands]
+        starts = list(itertools.accumulate(self.sizes, initial=0))[:-1]
+        self.flat = torch.cat(
+            [c.order + s for c, s in zip(cands, starts, strict=True)] or [torch.zeros(0).long()]
+        )
+        self.rank = torch.cat(
+            [torch.arange(len(c.order)) for c in cands] or [torch.zeros(0).long()]
+        )
+        self.owner = torch.repeat_interleave(
+            torch.arange(len(cands)), torch.tensor([len(c.order) for c in cands]).long()
+        )
+
+    def __call__(self, counts: dict[int, int]) -> dict[int, Tensor]:
+        """Per group in ``counts``: a mask of its ``counts[group]`` least important channels."""
+        n = [counts.get(c.group.index, 0) for c in self.cands]
+        flat = torch.zeros(sum(self.sizes), dtype=torch.bool)
+        flat[self.flat[self.rank < torch.tensor(n, dtype=torch.long)[self.owner]]] = True
+        parts = flat.split(self.sizes)
+        return {c.group.index: parts[i] for i, c in enumerate(self.cands) if n[i] > 0}
 
 
 Measure = Callable[[dict[int, Tensor]], float]
@@ -281,7 +317,11 @@ def _search(
     measure: tuple[Measure, float, str],
     allocation: str | LayerMap,
     round_to: int | None,
+    monotone: bool = True,
 ) -> dict[int, Tensor]:
+    """The removal that fits ``measure``'s limit: a bisection on the fraction removed, then
+    :func:`_give_back`. ``monotone``: the measure never falls when a channel is put back
+    (counts do; a latency table's prediction need not)."""
     value, limit, unit = measure
     if isinstance(allocation, LayerMap):
         # a ratio map found by a search (or written by hand) is taken as it is; the budget
@@ -293,11 +333,21 @@ def _search(
                 f"{limit:,.0f}; raise its ratios or the budget"
             )
         return removed
-    full = _removal(cands, 1.0, allocation, round_to)
-    if value(full) > limit:
+    masks = _Masks(cands)
+    seen: dict[tuple[tuple[int, int], ...], float] = {}
+
+    def measured(counts: dict[int, int]) -> float:
+        # the bisection lands on the same whole-channel counts many times: measure each once
+        key = tuple(counts.items())
+        if key not in seen:
+            seen[key] = value(masks(counts))
+        return seen[key]
+
+    full = _counts(cands, 1.0, allocation, round_to)
+    if measured(full) > limit:
         raise BudgetError(
             f"cannot reach {limit:,.0f} {unit}: removing every removable channel (within "
-            f"max_ratio, ignored layers and pinned channels) leaves {value(full):,.0f}. Raise "
+            f"max_ratio, ignored layers and pinned channels) leaves {measured(full):,.0f}. Raise "
             "the budget, max_ratio, or prune layers that are ignored"
         )
     if value({}) <= limit:
@@ -305,42 +355,48 @@ def _search(
     lo, hi = 0.0, 1.0
     for _ in range(SEARCH_STEPS):
         mid = (lo + hi) / 2
-        if value(_removal(cands, mid, allocation, round_to)) <= limit:
+        if measured(_counts(cands, mid, allocation, round_to)) <= limit:
             hi = mid
         else:
             lo = mid
-    return _give_back(cands, _removal(cands, hi, allocation, round_to), value, limit, round_to)
+    best = masks(_counts(cands, hi, allocation, round_to))
+    return _give_back(masks, best, value, limit, round_to, monotone)
 
 
 def _give_back(
-    cands: list[_Candidates],
+    masks: _Masks,
     removed: dict[int, Tensor],
     value: Callable[[dict[int, Tensor]], float],
     limit: float,
     round_to: int | None,
+    monotone: bool = True,
 ) -> dict[int, Tensor]:
     """Put back the most important removed channels (a ``round_to`` step at a time) while the
-    budget still holds: one step of the search can overshoot by a whole channel per group."""
+    budget still holds: one step of the search can overshoot by a whole channel per group.
+
+    With a ``monotone`` measure a group whose step back broke the budget is not tried again:
+    the other groups only get channels back, so its step can only cost more later."""
     step = round_to or 1
-    by_index = {c.group.index: c for c in cands}
+    counts = {gi: int(mask.sum()) for gi, mask in removed.items()}
+    stuck: set[int] = set()
     changed = True
     tries = 0
-    while changed and tries < 20 * max(len(removed), 1):
+    while changed and tries < 20 * max(len(counts), 1):
         changed = False
-        for gi in sorted(removed, key=lambda i: -int(removed[i].sum())):
-            tries += 1
-            c, mask = by_index[gi], removed[gi]
-            n = int(mask.sum()) - step
-            trial = dict(removed)
-            if n > 0:
-                fewer = torch.zeros_like(mask)
-                fewer[c.order[:n]] = True
-                trial[gi] = fewer
+        for gi in sorted(counts, key=lambda i: -counts[i]):
+            tries += 1  # a skipped group counts as a try: the cap stops where it always did
+            if gi in stuck:
+                continue
+            trial = dict(counts)
+            if counts[gi] > step:
+                trial[gi] = counts[gi] - step
             else:
                 del trial[gi]
-            if value(trial) <= limit:
-                removed, changed = trial, True
-    return removed
+            if value(masks(trial)) <= limit:
+                counts, changed = trial, True
+            elif monotone:
+                stuck.add(gi)
+    return masks(counts)
 
 
 @dataclass
@@ -510,7 +566,8 @@ def _plan(
     )
     measure = channel_measure(budget, graph, model, example_inputs)
     assert cfg.allocation_ is not None, "a recipe section's search runs before plan_shrink"
-    removed = _search(cands, measure, cfg.allocation_, cfg.round_to)
+    monotone = not isinstance(budget, Latency)  # a latency table's prediction need not be
+    removed = _search(cands, measure, cfg.allocation_, cfg.round_to, monotone)
     if removed:
         if isinstance(criterion, ChannelCriterion) and criterion.refits:
             ctx.cache[REFITTED_KEY] = criterion.refit(ctx, removed)
