@@ -69,10 +69,15 @@ class ChannelContext:
 
 def per_channel(member: Member, values: Tensor, size: int) -> Tensor:
     """Sum a per-position vector along ``member.dim`` into the group's ``size`` channels."""
+    return add_per_channel_(torch.zeros(size, dtype=torch.float32), member, values)
+
+
+def add_per_channel_(total: Tensor, member: Member, values: Tensor) -> Tensor:
+    """Add a per-position vector along ``member.dim`` into ``total`` (one entry per channel)."""
+    if member.complete:  # every position is a channel: no masking
+        return total.index_add_(0, member.channel, values.to(total.dtype))
     inside = member.channel >= 0
-    out = torch.zeros(size, dtype=torch.float32)
-    out.index_add_(0, member.channel[inside], values[inside].to(torch.float32))
-    return out
+    return total.index_add_(0, member.channel[inside], values[inside].to(total.dtype))
 
 
 def reduce_to_dim(t: Tensor, dim: int) -> Tensor:
@@ -132,7 +137,7 @@ def _element_scores(criterion: Criterion, ctx: ChannelContext) -> dict[int, Tens
         total = torch.zeros(g.size, dtype=torch.float32)
         for m in g.members:
             if m.ref in targets:
-                total += per_channel(m, reduce_to_dim(scores_of(m.ref), m.dim), g.size)
+                add_per_channel_(total, m, reduce_to_dim(scores_of(m.ref), m.dim))
         out[g.index] = total
     return out
 

@@ -10,6 +10,7 @@ with each other for the budget and every member tensor loses the same positions.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,8 +34,15 @@ class Member:
     #: int64 [size of ``dim``]: the group's channel index of each position, -1 if not in the group
     channel: Tensor
 
+    @functools.cached_property
+    def complete(self) -> bool:
+        """Whether every position of :attr:`dim` belongs to a channel of the group."""
+        return bool((self.channel >= 0).all())
+
     def positions(self, channels: Tensor) -> Tensor:
         """Positions along :attr:`dim` that belong to any of ``channels`` (a bool mask [G])."""
+        if self.complete:
+            return channels[self.channel].nonzero().flatten()
         hit = channels[self.channel.clamp(min=0)] & (self.channel >= 0)
         return hit.nonzero().flatten()
 

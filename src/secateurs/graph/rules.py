@@ -92,10 +92,10 @@ def apply_rule(
 ) -> None:
     """Dispatch one traced call to its rule; a rule that fails degrades to pinning."""
     name = getattr(func, "__name__", repr(func))
-    inputs = list(tensors_in((args, kwargs)))
+    inputs = tensors_in((args, kwargs))
     if not any(state.has_label(t) for t in inputs):
         return
-    if name != "__setitem__" and not any(True for _ in tensors_in(out)):
+    if name != "__setitem__" and not tensors_in(out):
         return
     fn = RULES.get(name)
     if fn is None:

@@ -8,7 +8,7 @@ import it, and not each other.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,9 @@ class TraceState:
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
     #: extra per-module facts surgery needs (e.g. GroupNorm group sizes), by module name
     module_facts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: every label stored so far, by id (held, so an id is never reused): one passed on
+    #: unchanged (a ReLU's, a norm's output) is stored again without being re-checked
+    _stored: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ labels
     @property
@@ -90,6 +93,10 @@ class TraceState:
     def set_label(self, t: Any, label: Tensor | None) -> None:
         if not isinstance(t, Tensor):
             return
+        if label is not None and self._stored.get(id(label)) is label and t.dim() == label.dim():
+            self.labels[id(t)] = label  # a label already stored: compressed, with ids
+            self.alive.append(t)
+            return
         if label is None or t.dim() != label.dim():
             label = torch.full((1,) * t.dim(), NO_ID, dtype=torch.long)
         label = compress(label)
@@ -97,6 +104,7 @@ class TraceState:
             self.labels.pop(id(t), None)
             return
         self.labels[id(t)] = label
+        self._stored[id(label)] = label
         self.alive.append(t)
 
     def dim_ids_of(self, t: Tensor, dim: int) -> Tensor:
@@ -144,12 +152,23 @@ class TraceState:
             self.pin(lab, f"{op} has no channel rule")
 
 
-def tensors_in(obj: Any) -> Iterator[Tensor]:
+def tensors_in(obj: Any) -> list[Tensor]:
+    """Every tensor in ``obj`` (nested tuples, lists and mappings), in order."""
+    found: list[Tensor] = []
+    _collect(obj, found)
+    return found
+
+
+def _collect(obj: Any, found: list[Tensor]) -> None:
+    # a loop, not a recursive generator: the tracer calls this twice per traced op
     if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from tensors_in(v)
-    elif isinstance(obj, (tuple, list)):
-        for v in obj:
-            yield from tensors_in(v)
+        found.append(obj)
+        return
+    values = obj.values() if isinstance(obj, Mapping) else obj
+    if not isinstance(obj, (tuple, list, Mapping)):
+        return
+    for v in values:
+        if isinstance(v, Tensor):
+            found.append(v)
+        elif isinstance(v, (tuple, list, Mapping)):
+            _collect(v, found)
