@@ -257,6 +257,25 @@ def _element_members(
     return found
 
 
+def _dim_members(state: TraceState, rep: Tensor) -> list[tuple[TensorRef, int, Tensor]]:
+    """Every tensor dim whose positions all have ids, with each position's class (one
+    lookup for all of them)."""
+    entries = list(state.dim_ids.items())
+    if not entries:
+        return []
+    lengths = [ids.numel() for _, ids in entries]
+    ids = torch.cat([i.reshape(-1) for _, i in entries])
+    owner = torch.repeat_interleave(torch.arange(len(entries)), torch.tensor(lengths))
+    lowest = torch.full((len(entries),), 0, dtype=torch.long)
+    lowest.scatter_reduce_(0, owner, ids, reduce="amin", include_self=False)
+    classes = rep[ids.clamp(min=0)].split(lengths)
+    return [
+        (ref, dim, cls)
+        for ((ref, dim), _), cls, low in zip(entries, classes, lowest.tolist(), strict=True)
+        if low >= 0
+    ]
+
+
 def build_groups(state: TraceState, shapes: dict[TensorRef, tuple[int, ...]]) -> ChannelGraph:
     """Turn a trace into channel groups (vectorised: a ResNet-50 has ~27k channels)."""
     n = state.ids.next_id
@@ -268,10 +287,7 @@ def build_groups(state: TraceState, shapes: dict[TensorRef, tuple[int, ...]]) ->
         pinned[reps] = True
         reason_of[reps] = i
 
-    raw = [
-        (ref, dim, rep[ids]) for (ref, dim), ids in state.dim_ids.items() if bool((ids >= 0).all())
-    ]
-    raw += _element_members(state, rep, pinned)
+    raw = _dim_members(state, rep) + _element_members(state, rep, pinned)
     if not raw:
         return ChannelGraph([], state.weight_uses, shapes, state.unhandled, state.output_shapes)
 
@@ -309,11 +325,16 @@ def build_groups(state: TraceState, shapes: dict[TensorRef, tuple[int, ...]]) ->
     index_of = torch.full((n,), -1, dtype=torch.long)
     group_of[classes] = group_idx
     index_of[classes] = torch.arange(len(classes)) - starts[group_idx]
+    # each group's pin reasons: the distinct (group, reason) pairs, in one op
+    because: list[set[str]] = [set() for _ in range(len(counts))]
+    stride = len(state.ids.pins) + 1
+    for pair in torch.unique(group_idx * stride + reason_of[classes] + 1).tolist():
+        g, reason = divmod(pair, stride)
+        if reason:
+            because[g].add(state.ids.pins[reason - 1][1])
     groups: list[ChannelGroup] = []
     for g, cls_t in enumerate(torch.split(classes, counts.tolist())):
-        why = torch.unique(reason_of[cls_t])
-        because = sorted({state.ids.pins[i][1] for i in why.tolist() if i >= 0})
-        groups.append(ChannelGroup(g, [], len(cls_t), ~pinned[cls_t], because))
+        groups.append(ChannelGroup(g, [], len(cls_t), ~pinned[cls_t], sorted(because[g])))
     owner = group_of[flat]
     lowest = torch.full((len(raw),), len(groups), dtype=torch.long)
     lowest.scatter_reduce_(0, member, owner, reduce="amin")
@@ -321,8 +342,9 @@ def build_groups(state: TraceState, shapes: dict[TensorRef, tuple[int, ...]]) ->
     highest.scatter_reduce_(0, member, owner, reduce="amax")
     owners = torch.split(owner, sizes.tolist())
     index = torch.split(index_of[flat], sizes.tolist())
-    for j, (ref, dim, _) in enumerate(raw):
-        lo, hi = int(lowest[j]), int(highest[j])
+    for j, ((ref, dim, _), lo, hi) in enumerate(
+        zip(raw, lowest.tolist(), highest.tolist(), strict=True)
+    ):
         if lo == hi:  # the usual case: the whole dim belongs to one group
             groups[lo].members.append(Member(ref, dim, index[j].clone()))
             continue

@@ -44,14 +44,23 @@ class IdSpace:
     next_id: int = 0
     edges: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     pins: list[tuple[Tensor, str]] = field(default_factory=list)
+    #: the tensors :meth:`new` made, by id (held, so an id is never reused): all valid ids
+    _fresh: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     def new(self, *shape: int) -> Tensor:
         n = 1
         for s in shape:
             n *= s
-        ids = torch.arange(self.next_id, self.next_id + n, dtype=torch.long).reshape(shape)
+        ids = torch.arange(self.next_id, self.next_id + n, dtype=torch.long)
+        if len(shape) != 1:
+            ids = ids.reshape(shape)
         self.next_id += n
+        self._fresh[id(ids)] = ids
         return ids
+
+    def complete(self, ids: Tensor) -> bool:
+        """Whether every entry of ``ids`` is an id (none is ``-1``)."""
+        return self._fresh.get(id(ids)) is ids or bool((ids >= 0).all())
 
     def join(self, a: Tensor, b: Tensor) -> None:
         """Tie ids ``a`` and ``b`` elementwise (same shape); pairs with a ``-1`` pin the other."""
@@ -78,14 +87,16 @@ class IdSpace:
         a position that is not a channel (a computed weight, a constant) keeps its size, so
         whatever it is paired with must keep its size too.
         """
+        if not rows.numel():
+            return
+        if self.complete(ids) and int(rows.min()) >= 0:  # the usual case: nothing pinned
+            ids = ids.reshape(-1)
+            if rows.shape[1] > 1:
+                ids = ids.reshape(-1, 1).expand_as(rows).reshape(-1)
+            self.edges.append((ids, rows.reshape(-1)))
+            return
         ids = ids.reshape(-1)
         gap = (rows < 0).any(dim=1) | (ids < 0)
-        if not bool(gap.any()):  # the usual case: every pair is two channels, nothing pinned
-            if rows.numel():
-                self.edges.append(
-                    (ids.reshape(-1, 1).expand_as(rows).reshape(-1), rows.reshape(-1))
-                )
-            return
         self.join(ids.reshape(-1, 1).expand_as(rows), rows)
         stuck = torch.cat([ids[gap], rows[gap][rows[gap] >= 0]])
         if stuck.numel():  # a position fed by something that is not a channel stays

@@ -149,7 +149,7 @@ def _tie_along(state: TraceState, t: Any, dim: int, ids: Tensor, reason: str) ->
         id(t) in state.refs
         and id(t) not in state.labels
         and t.dim() == 1
-        and bool((ids >= 0).all())
+        and state.ids.complete(ids)
     ):
         state.share_dim_ids(t, 0, ids)
         return

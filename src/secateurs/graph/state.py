@@ -159,16 +159,23 @@ def tensors_in(obj: Any) -> list[Tensor]:
     return found
 
 
+#: what an op's arguments mostly hold besides tensors: nothing to look into
+_PLAIN = (int, float, bool, str, type(None), torch.Size, torch.dtype, torch.device)
+
+
 def _collect(obj: Any, found: list[Tensor]) -> None:
     # a loop, not a recursive generator: the tracer calls this twice per traced op
     if isinstance(obj, Tensor):
         found.append(obj)
         return
-    values = obj.values() if isinstance(obj, Mapping) else obj
-    if not isinstance(obj, (tuple, list, Mapping)):
+    if isinstance(obj, (tuple, list)):
+        values: Any = obj
+    elif isinstance(obj, Mapping):
+        values = obj.values()
+    else:
         return
     for v in values:
         if isinstance(v, Tensor):
             found.append(v)
-        elif isinstance(v, (tuple, list, Mapping)):
+        elif not isinstance(v, _PLAIN):
             _collect(v, found)

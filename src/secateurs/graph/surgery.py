@@ -202,6 +202,7 @@ def apply_plan_(model: nn.Module, plan: ChannelPlan) -> nn.Module:
     """
     owners = _owners(model)
     sliced: dict[str, Tensor] = {}
+    kept: dict[tuple[Any, ...], Tensor] = {}  # a group's tensors share positions
     for name, dims in plan.removed.items():
         if name not in owners:
             raise ConfigError(
@@ -215,7 +216,10 @@ def apply_plan_(model: nn.Module, plan: ChannelPlan) -> nn.Module:
                 raise ConfigError(
                     f"plan removes along dim {dim} of {name}, which has {t.dim()} dims"
                 )
-            new = new.index_select(dim, _keep(t.shape[dim], idx, name, dim).to(t.device))
+            key = (t.device, t.shape[dim], tuple(idx))
+            if key not in kept:
+                kept[key] = _keep(t.shape[dim], idx, name, dim).to(t.device)
+            new = new.index_select(dim, kept[key])
         sliced[name] = new.contiguous()
     touched: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
     for name, new in sliced.items():
