@@ -124,20 +124,25 @@ def _element_scores(criterion: Criterion, ctx: ChannelContext) -> dict[int, Tens
             ctx.loss_fn,
             ctx.calibration_batches,
         )
-    cache: dict[TensorRef, Tensor] = {}
-
-    def scores_of(ref: TensorRef) -> Tensor:
-        if ref not in cache:
-            t = targets[ref]
-            cache[ref] = criterion.scores(t, stats.get(t.name), ctx.seed).detach()
-        return cache[ref]
-
+    dims: dict[TensorRef, set[int]] = {ref: set() for ref in targets}
+    for g in groups:
+        for m in g.members:
+            if m.ref in targets:
+                dims[m.ref].add(m.dim)
+    # one tensor's element scores at a time, reduced to every dim a group needs and then
+    # freed: holding them all (a second copy of the network) made each a fresh allocation
+    reduced: dict[tuple[TensorRef, int], Tensor] = {}
+    for ref, t in targets.items():
+        scores = criterion.scores(t, stats.get(t.name), ctx.seed).detach()
+        for dim in sorted(dims[ref]):
+            reduced[(ref, dim)] = reduce_to_dim(scores, dim)
+        del scores
     out: dict[int, Tensor] = {}
     for g in groups:
         total = torch.zeros(g.size, dtype=torch.float32)
         for m in g.members:
             if m.ref in targets:
-                add_per_channel_(total, m, reduce_to_dim(scores_of(m.ref), m.dim))
+                add_per_channel_(total, m, reduced[(m.ref, m.dim)])
         out[g.index] = total
     return out
 
