@@ -359,13 +359,14 @@ def _search(
             hi = mid
         else:
             lo = mid
-    best = masks(_counts(cands, hi, allocation, round_to))
-    return _give_back(masks, best, value, limit, round_to, monotone)
+    return _give_back(
+        masks, _counts(cands, hi, allocation, round_to), value, limit, round_to, monotone
+    )
 
 
 def _give_back(
     masks: _Masks,
-    removed: dict[int, Tensor],
+    counts: dict[int, int],
     value: Callable[[dict[int, Tensor]], float],
     limit: float,
     round_to: int | None,
@@ -373,11 +374,11 @@ def _give_back(
 ) -> dict[int, Tensor]:
     """Put back the most important removed channels (a ``round_to`` step at a time) while the
     budget still holds: one step of the search can overshoot by a whole channel per group.
+    ``counts``: channels removed per group; the result is the masks of the counts that fit.
 
     With a ``monotone`` measure a group whose step back broke the budget is not tried again:
     the other groups only get channels back, so its step can only cost more later."""
     step = round_to or 1
-    counts = {gi: int(mask.sum()) for gi, mask in removed.items()}
     stuck: set[int] = set()
     changed = True
     tries = 0
