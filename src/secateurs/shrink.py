@@ -50,6 +50,7 @@ from secateurs.criteria import (
 from secateurs.criteria.structural import refit_readers
 from secateurs.errors import BudgetError, ConfigError, SecateursError
 from secateurs.graph.groups import ChannelGraph, ChannelGroup, build_graph
+from secateurs.graph.labels import segments
 from secateurs.graph.latency import LatencyTable
 from secateurs.graph.surgery import ChannelPlan, apply_plan_, check_forward, plan_from_removed
 from secateurs.provenance import record
@@ -236,12 +237,7 @@ class _Masks:
         self.flat = torch.cat(
             [c.order + s for c, s in zip(cands, starts, strict=True)] or [torch.zeros(0).long()]
         )
-        self.rank = torch.cat(
-            [torch.arange(len(c.order)) for c in cands] or [torch.zeros(0).long()]
-        )
-        self.owner = torch.repeat_interleave(
-            torch.arange(len(cands)), torch.tensor([len(c.order) for c in cands]).long()
-        )
+        self.owner, self.rank = segments([len(c.order) for c in cands])
 
     def __call__(self, counts: dict[int, int]) -> dict[int, Tensor]:
         """Per group in ``counts``: a mask of its ``counts[group]`` least important channels."""

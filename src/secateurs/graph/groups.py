@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from secateurs.errors import ModelError
-from secateurs.graph.labels import components, compress
+from secateurs.graph.labels import components, compress, segments
 from secateurs.graph.state import TensorRef, TraceState, Unhandled, WeightUse
 from secateurs.graph.trace import trace
 from secateurs.running import Inputs
@@ -126,13 +126,10 @@ class ChannelGraph:
         slots = torch.tensor([g.size for g, _ in members], dtype=torch.long)
         start = torch.cumsum(slots, 0) - slots
         chan = torch.cat([m.channel for _, m in members]) if members else torch.zeros(0).long()
-        owner = torch.repeat_interleave(
-            torch.arange(len(members)),
-            torch.tensor([m.channel.numel() for _, m in members], dtype=torch.long),
-        )
+        owner, _ = segments([m.channel.numel() for _, m in members])
         inside = chan >= 0
         counts = torch.bincount((start[owner] + chan)[inside], minlength=int(slots.sum()))
-        slot_owner = torch.repeat_interleave(torch.arange(len(members)), slots)
+        slot_owner, _ = segments(slots.tolist())
         lo = torch.full((len(members),), -1, dtype=torch.long)
         lo.scatter_reduce_(0, slot_owner, counts, reduce="amin", include_self=False)
         hi = torch.full((len(members),), -1, dtype=torch.long)
@@ -265,7 +262,7 @@ def _dim_members(state: TraceState, rep: Tensor) -> list[tuple[TensorRef, int, T
         return []
     lengths = [ids.numel() for _, ids in entries]
     ids = torch.cat([i.reshape(-1) for _, i in entries])
-    owner = torch.repeat_interleave(torch.arange(len(entries)), torch.tensor(lengths))
+    owner, _ = segments(lengths)
     lowest = torch.full((len(entries),), 0, dtype=torch.long)
     lowest.scatter_reduce_(0, owner, ids, reduce="amin", include_self=False)
     classes = rep[ids.clamp(min=0)].split(lengths)
@@ -292,12 +289,9 @@ def build_groups(state: TraceState, shapes: dict[TensorRef, tuple[int, ...]]) ->
         return ChannelGraph([], state.weight_uses, shapes, state.unhandled, state.output_shapes)
 
     # every (member, class) entry in one flat tensor: member j's classes, in position order
-    sizes = torch.tensor([len(cls) for _, _, cls in raw], dtype=torch.long)
+    sizes = [len(cls) for _, _, cls in raw]
     flat = torch.cat([cls for _, _, cls in raw])
-    member = torch.repeat_interleave(torch.arange(len(raw)), sizes)
-    within = torch.arange(len(flat)) - torch.repeat_interleave(
-        torch.cumsum(sizes, 0) - sizes, sizes
-    )
+    member, within = segments(sizes)
     # a class's signature is the set of tensor dims it appears in: summed random 63-bit keys
     keys = torch.randint(1, 2**62, (len(raw),), generator=torch.Generator().manual_seed(0))
     pairs = torch.unique(member * n + flat)  # each (member, class) once
@@ -340,8 +334,8 @@ def build_groups(state: TraceState, shapes: dict[TensorRef, tuple[int, ...]]) ->
     lowest.scatter_reduce_(0, member, owner, reduce="amin")
     highest = torch.full((len(raw),), -1, dtype=torch.long)
     highest.scatter_reduce_(0, member, owner, reduce="amax")
-    owners = torch.split(owner, sizes.tolist())
-    index = torch.split(index_of[flat], sizes.tolist())
+    owners = torch.split(owner, sizes)
+    index = torch.split(index_of[flat], sizes)
     for j, ((ref, dim, _), lo, hi) in enumerate(
         zip(raw, lowest.tolist(), highest.tolist(), strict=True)
     ):

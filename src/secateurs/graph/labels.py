@@ -109,6 +109,14 @@ class IdSpace:
             self.pins.append((torch.unique(ids), reason))
 
 
+def segments(lengths: list[int]) -> tuple[Tensor, Tensor]:
+    """For segments of ``lengths`` laid end to end: each element's segment, and its position
+    within it (how the vectorised bookkeeping flattens many tensors into one)."""
+    sizes = torch.tensor(lengths, dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), sizes)
+    return owner, torch.arange(len(owner)) - (torch.cumsum(sizes, 0) - sizes)[owner]
+
+
 def components(n: int, edges: list[tuple[Tensor, Tensor]]) -> Tensor:
     """Connected-component representative (the smallest id) of each of ``n`` ids."""
     rep = torch.arange(n, dtype=torch.long)
