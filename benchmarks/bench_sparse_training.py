@@ -182,11 +182,13 @@ def fit(
     holder: CurrentBatch | None = None,
     before_pruner: Callable[[int], None] | None = None,
     seed: int = 0,
+    clip: float | None = None,
 ) -> FitResult:
     """``steps`` optimizer steps; ``pruner.step()`` once before the first and after each.
 
     ``before_pruner(t)`` runs after optimizer step ``t`` (from 1), before the pruner acts; the
-    time it takes (evaluations) is not counted.
+    time it takes (evaluations) is not counted. ``clip``: largest gradient norm (all
+    parameters together) an optimizer step uses.
     """
     torch.manual_seed(seed)
     result = FitResult()
@@ -216,6 +218,8 @@ def fit(
             result.flops += x.shape[0] * counter.dense
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         result.flops += 3 * x.shape[0] * forward
         t += 1
@@ -274,6 +278,19 @@ class Plan:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
+def own_lr(args: argparse.Namespace) -> float:
+    """The peak learning rate of a method's own training (``--lr``; the dense model is always
+    trained at ``TRAIN_LR``)."""
+    return TRAIN_LR if args.lr is None else float(args.lr)
+
+
+def warm_cosine(args: argparse.Namespace, steps: int) -> Callable[[int], float]:
+    """Cosine decay from :func:`own_lr` over ``steps``, after ``--warmup`` steps of linear
+    warm-up."""
+    lr, warm = own_lr(args), max(int(args.warmup), 1)
+    return lambda t: cosine(lr, t, steps) * min(1.0, (t + 1) / warm)
+
+
 def plan_for(method: str, ctx: Context) -> Plan:
     args, spe = ctx.args, ctx.steps_per_epoch
     if method in FROM_DENSE:
@@ -288,16 +305,17 @@ def plan_for(method: str, ctx: Context) -> Plan:
             rewind = min(args.rewind_steps, every // 2)
             schedule = Lottery(every=every, rewind=rewind, rounds=LOTTERY_ROUNDS)
             notes = {"rounds": LOTTERY_ROUNDS, "round_steps": every, "rewind_step": rewind}
-            lr_at = restarted_cosine(TRAIN_LR, steps, every, LOTTERY_ROUNDS)
+            lr_at = restarted_cosine(own_lr(args), steps, every, LOTTERY_ROUNDS)
             return Plan(schedule, epochs, steps, lr_at, args.allocation, True, notes)
         else:
             schedule = DSD(start=steps // 3, end=2 * steps // 3)
             notes = {"sparse_from_step": steps // 3, "dense_again_at_step": 2 * steps // 3}
+        notes.update(lr=own_lr(args), warmup_steps=args.warmup, clip_grad=args.clip_grad)
         return Plan(
             schedule,
             epochs,
             steps,
-            lambda t: cosine(TRAIN_LR, t, steps),
+            warm_cosine(args, steps),
             args.allocation,
             True,
             notes,
@@ -322,7 +340,8 @@ def plan_for(method: str, ctx: Context) -> Plan:
         "min_fan_in": schedule.min_fan_in,
         "redistribute": getattr(schedule, "redistribute", "none"),
     }
-    return Plan(schedule, epochs, steps, lambda t: cosine(TRAIN_LR, t, steps), "erk", False, notes)
+    notes.update(lr=own_lr(args), warmup_steps=args.warmup, clip_grad=args.clip_grad)
+    return Plan(schedule, epochs, steps, warm_cosine(args, steps), "erk", False, notes)
 
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -379,6 +398,7 @@ def run_method(ctx: Context, method: str, sparsity: float, distill: bool = False
             holder=holder,
             before_pruner=before_pruner,
             seed=ctx.seed,
+            clip=ctx.args.clip_grad,
         )
     finally:
         if kd is not None:
@@ -747,6 +767,25 @@ def main() -> None:
         choices=REDISTRIBUTE_RULES,
         default=None,
         help="SET/RigL: how drops are shared between layers (default: the schedule's)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"peak learning rate of each method's own training (default: {TRAIN_LR}, the dense "
+        "model's; the dense model is always trained at it)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        help="steps of linear learning-rate warm-up before the cosine (default: none)",
+    )
+    parser.add_argument(
+        "--clip-grad",
+        type=float,
+        default=None,
+        help="each method's own training: clip the gradient's norm to this (default: no clip)",
     )
     parser.add_argument("--lth-epochs", type=int, default=2)
     parser.add_argument("--lth-rounds", type=int, default=7)

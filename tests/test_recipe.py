@@ -10,6 +10,7 @@ import yaml
 
 from secateurs import recipe
 from secateurs.errors import ConfigError
+from secateurs.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,7 +110,14 @@ def test_finetune_follows_training_and_defaults_to_a_tenth_of_its_lr() -> None:
     assert ft.epochs == 2 and ft.lr == pytest.approx(0.01) and ft.optimizer == "adamw"
     r = recipe.parse({"finetune": {"lr": 0.05, "weight_decay": 0.0}})
     ft = r.finetune.config(r.train)
-    assert ft.lr == 0.05 and ft.weight_decay == 0.0
+    assert ft.lr == 0.05 and ft.weight_decay == 0.0 and ft.clip_grad is None
+    # a gradient clip follows the train section unless the finetune section sets its own
+    r = recipe.parse({"train": {"clip_grad": 2.0}, "finetune": {"epochs": 1}})
+    assert r.finetune.config(r.train).clip_grad == 2.0
+    r = recipe.parse({"train": {"clip_grad": 2.0}, "finetune": {"clip_grad": 0.5}})
+    assert r.finetune.config(r.train).clip_grad == 0.5
+    with pytest.raises(ConfigError, match="clip_grad"):
+        recipe.parse({"finetune": {"clip_grad": -1}}).finetune.config(TrainConfig())
 
 
 def test_schedule_epochs_must_be_numbers() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -215,6 +216,9 @@ def test_make_optimizer() -> None:
         ("cosine", 1),
         ("seed", 0.5),
         ("label_smoothing", 1.0),
+        ("clip_grad", 0),
+        ("clip_grad", float("inf")),
+        ("clip_grad", "big"),
     ],
 )
 def test_train_config_validation(field: str, value: object) -> None:
@@ -222,6 +226,25 @@ def test_train_config_validation(field: str, value: object) -> None:
         TrainConfig(**{field: value})  # type: ignore[arg-type]
     if field == "optimizer":
         assert "sgd, adamw" in str(info.value)
+
+
+def test_clip_grad_bounds_each_step(bundle: data.DataBundle) -> None:
+    # plain SGD at lr 1: a step moves the parameters by exactly the (clipped) gradient, so
+    # with clip_grad the whole step's norm is at most the clip; without it, far more here
+    loader = bundle.loaders(32, seed=0)[0]
+    moved = {}
+    for clip in (None, 1e-3):
+        model = zoo.build_model("lenet-300-100", seed=0)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        cfg = TrainConfig(
+            epochs=1, lr=1.0, momentum=0.0, weight_decay=0.0, nesterov=False, cosine=False,
+            clip_grad=clip,
+        )  # fmt: skip
+        train(model, itertools.islice(loader, 1), cfg)  # type: ignore[arg-type]
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        moved[clip] = float((after - before).norm())
+    assert moved[1e-3] <= 1e-3 * (1 + 1e-4)
+    assert moved[None] > 10 * moved[1e-3]
 
 
 def test_finetune_config() -> None:

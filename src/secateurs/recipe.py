@@ -198,6 +198,7 @@ class FinetuneSection:
     optimizer: str | None = None
     momentum: float | None = None
     weight_decay: float | None = None
+    clip_grad: float | None = None
     regularizers: list[MethodSpec] = field(default_factory=list)
     distill: dict[str, Any] | None = None
 
@@ -210,6 +211,7 @@ class FinetuneSection:
                 ("optimizer", self.optimizer),
                 ("momentum", self.momentum),
                 ("weight_decay", self.weight_decay),
+                ("clip_grad", self.clip_grad),
             )
             if v is not None
         }

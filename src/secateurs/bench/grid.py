@@ -138,6 +138,7 @@ class TrainSpec:
     nesterov: bool = True
     cosine: bool = True
     label_smoothing: float = 0.0
+    clip_grad: float | None = None
 
     def __post_init__(self) -> None:
         if not (_is_int(self.batch_size) and self.batch_size >= 1):
