@@ -2,7 +2,9 @@
 
 For LeNet-300-100 and LeNet-5, at each sparsity, every method gets the same total number of
 optimizer steps, ``dense_epochs + epochs`` epochs of batch 128 (SGD, Nesterov momentum 0.9,
-weight decay 5e-4, lr 0.05 with cosine decay, as ``secateurs.train.TrainConfig``'s defaults):
+weight decay 5e-4, lr 0.05 with cosine decay, as ``secateurs.train.TrainConfig``'s defaults;
+``--lr``, ``--warmup`` and ``--clip-grad`` change each method's own training, never the dense
+model's):
 
 * methods that prune a trained network start from the dense model trained ``--dense-epochs``
   (the cache ``bench_finegrained.py`` uses) and train ``--epochs`` more:
@@ -779,7 +781,8 @@ def main() -> None:
         "--warmup",
         type=int,
         default=0,
-        help="steps of linear learning-rate warm-up before the cosine (default: none)",
+        help="steps of linear learning-rate warm-up before the cosine (not the lottery's "
+        "restarted cosine; default: none)",
     )
     parser.add_argument(
         "--clip-grad",
