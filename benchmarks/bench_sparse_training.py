@@ -4,7 +4,7 @@ For LeNet-300-100 and LeNet-5, at each sparsity, every method gets the same tota
 optimizer steps, ``dense_epochs + epochs`` epochs of batch 128 (SGD, Nesterov momentum 0.9,
 weight decay 5e-4, lr 0.05 with cosine decay, as ``secateurs.train.TrainConfig``'s defaults;
 ``--lr``, ``--warmup`` and ``--clip-grad`` change each method's own training, never the dense
-model's):
+model's nor the lottery-ticket experiment's below):
 
 * methods that prune a trained network start from the dense model trained ``--dense-epochs``
   (the cache ``bench_finegrained.py`` uses) and train ``--epochs`` more:
@@ -286,10 +286,13 @@ def own_lr(args: argparse.Namespace) -> float:
     return TRAIN_LR if args.lr is None else float(args.lr)
 
 
-def warm_cosine(args: argparse.Namespace, steps: int) -> Callable[[int], float]:
+def warm_cosine(
+    args: argparse.Namespace, steps: int, notes: dict[str, Any]
+) -> Callable[[int], float]:
     """Cosine decay from :func:`own_lr` over ``steps``, after ``--warmup`` steps of linear
-    warm-up."""
+    warm-up; the rate, warm-up and ``--clip-grad`` are recorded in the run's ``notes``."""
     lr, warm = own_lr(args), max(int(args.warmup), 1)
+    notes.update(lr=lr, warmup_steps=args.warmup, clip_grad=args.clip_grad)
     return lambda t: cosine(lr, t, steps) * min(1.0, (t + 1) / warm)
 
 
@@ -312,12 +315,11 @@ def plan_for(method: str, ctx: Context) -> Plan:
         else:
             schedule = DSD(start=steps // 3, end=2 * steps // 3)
             notes = {"sparse_from_step": steps // 3, "dense_again_at_step": 2 * steps // 3}
-        notes.update(lr=own_lr(args), warmup_steps=args.warmup, clip_grad=args.clip_grad)
         return Plan(
             schedule,
             epochs,
             steps,
-            warm_cosine(args, steps),
+            warm_cosine(args, steps, notes),
             args.allocation,
             True,
             notes,
@@ -342,8 +344,7 @@ def plan_for(method: str, ctx: Context) -> Plan:
         "min_fan_in": schedule.min_fan_in,
         "redistribute": getattr(schedule, "redistribute", "none"),
     }
-    notes.update(lr=own_lr(args), warmup_steps=args.warmup, clip_grad=args.clip_grad)
-    return Plan(schedule, epochs, steps, warm_cosine(args, steps), "erk", False, notes)
+    return Plan(schedule, epochs, steps, warm_cosine(args, steps, notes), "erk", False, notes)
 
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -775,7 +776,7 @@ def main() -> None:
         type=float,
         default=None,
         help=f"peak learning rate of each method's own training (default: {TRAIN_LR}, the dense "
-        "model's; the dense model is always trained at it)",
+        "model's; the dense model and the lottery-ticket experiment always train at it)",
     )
     parser.add_argument(
         "--warmup",
@@ -788,7 +789,8 @@ def main() -> None:
         "--clip-grad",
         type=float,
         default=None,
-        help="each method's own training: clip the gradient's norm to this (default: no clip)",
+        help="each method's own training (not the lottery-ticket experiment's): clip the "
+        "gradient's norm to this (default: no clip)",
     )
     parser.add_argument("--lth-epochs", type=int, default=2)
     parser.add_argument("--lth-rounds", type=int, default=7)
