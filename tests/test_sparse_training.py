@@ -16,7 +16,7 @@ import secateurs as sc
 from conftest import make_cnn, make_mlp
 from secateurs.allocation import erk_densities
 from secateurs.masks import raw_parameter
-from secateurs.schedules import IHT, SET, Lottery, RigL
+from secateurs.schedules import IHT, SET, Lottery, RigL, Static
 from secateurs.sparse_training import drop_and_grow, redistribute, rescale_for_kept_fan_in_
 from secateurs.zoo import build_model
 
@@ -168,6 +168,25 @@ def test_sparse_init_options_are_checked() -> None:
         SET(init="xavier")
     with pytest.raises(sc.ConfigError, match="min_fan_in"):
         RigL(min_fan_in=-2)
+
+
+def test_lamp_distribution_balances_the_layers_counts() -> None:
+    """At 99% on LeNet-5 ERK (floored at 4 inputs per unit) keeps 16 of conv1's 150 weights,
+    42 of conv2's 2,400 and 313 of fc1's 48,000; the ``lamp`` start keeps about as many in
+    conv2 as in fc1 and more in conv1, at the same overall sparsity."""
+    kept = {}
+    for distribution in ("erk", "lamp"):
+        model = build_model("lenet-5", seed=0)
+        pruner = sc.Pruner(model, sparsity=0.99, schedule=Static(distribution=distribution))
+        pruner.step()
+        kept[distribution] = _live(model)
+        assert pruner.measured_sparsity() == pytest.approx(0.99, abs=1e-4)
+    erk, lamp = kept["erk"], kept["lamp"]
+    assert erk["conv1.weight"] < 20 and erk["fc1.weight"] > 7 * erk["conv2.weight"]
+    assert lamp["conv1.weight"] > 3 * erk["conv1.weight"]
+    assert lamp["fc3.weight"] > 3 * erk["fc3.weight"]
+    assert 0.7 < lamp["fc1.weight"] / lamp["conv2.weight"] < 1.5
+    assert abs(sum(lamp.values()) - sum(erk.values())) <= len(lamp)
 
 
 # --------------------------------------------------------------------------- static, SET, RigL
@@ -444,7 +463,7 @@ def test_lottery_bad_input() -> None:
         SET(fraction=0.0)
     with pytest.raises(sc.ConfigError, match=">= 1"):
         SET(every=0)
-    with pytest.raises(sc.ConfigError, match="distribution"):
+    with pytest.raises(sc.ConfigError, match="'normal' is unknown; allowed: erk, uniform, lamp"):
         RigL(distribution="normal")
     with pytest.raises(sc.ConfigError, match=">= 1"):
         IHT(sparse=0)

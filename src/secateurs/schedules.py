@@ -33,6 +33,8 @@ INIT_RULES = ("rescale", "none")
 #: regrows its own) or ``momentum`` (in proportion to the mean optimizer momentum magnitude of
 #: each layer's live weights).
 REDISTRIBUTE_RULES = ("none", "momentum")
+#: The per-layer densities a sparse-from-scratch schedule starts from (see :class:`_SparseInit`).
+DISTRIBUTIONS = ("erk", "uniform", "lamp")
 
 # --------------------------------------------------------------------------- events
 
@@ -283,7 +285,12 @@ class Lottery(Schedule):
 @dataclass
 class _SparseInit(Schedule):
     """Shared by the schedules that train sparse from step 0: a random sparse initialisation
-    at step 0, its per-layer densities by ``distribution`` (``erk`` or ``uniform``).
+    at step 0, its per-layer densities by ``distribution``: ``erk`` (Erdős–Rényi-Kernel, the
+    published start of SET and RigL), ``uniform`` (every layer the same sparsity) or ``lamp``
+    (LAMP's global threshold over the random initial scores: each layer keeps about the same
+    number of weights, a small one fewer: close to the per-layer counts that gradual pruning
+    with LAMP and sparse momentum both end at on LeNet-5 and LeNet-300-100 at 99%, where ERK
+    leaves LeNet-5's first convolution and classifier a few dozen weights).
 
     At 98-99% sparsity two things starve a network trained sparse from scratch (Evci et al.
     2022, "Gradient flow in sparse neural networks"): ERK leaves the smallest layers a handful
@@ -302,9 +309,10 @@ class _SparseInit(Schedule):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if self.distribution not in ("erk", "uniform"):
+        if self.distribution not in DISTRIBUTIONS:
             raise ConfigError(
-                f"{name} distribution {self.distribution!r} is unknown; allowed: erk, uniform"
+                f"{name} distribution {self.distribution!r} is unknown; allowed: "
+                f"{', '.join(DISTRIBUTIONS)}"
             )
         value = self.min_fan_in
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
