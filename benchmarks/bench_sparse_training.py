@@ -75,6 +75,7 @@ from secateurs.data import DataBundle, load_fashion_mnist
 from secateurs.metrics import evaluate, profile
 from secateurs.registry import to_spec
 from secateurs.schedules import (
+    DISTRIBUTIONS,
     DSD,
     INIT_RULES,
     REDISTRIBUTE_RULES,
@@ -334,26 +335,30 @@ def plan_for(method: str, ctx: Context) -> Plan:
         init["min_fan_in"] = args.min_fan_in
     if args.redistribute is not None and method != "static":
         init["redistribute"] = args.redistribute
-    schedule = cls(every=every, end=end, fraction=args.drop_fraction, distribution="erk", **init)
+    schedule = cls(
+        every=every, end=end, fraction=args.drop_fraction, distribution=args.distribution, **init
+    )
     notes = {
         "update_every": every,
         "drop_fraction": args.drop_fraction,
         "updates_until_step": end,
-        "distribution": "erk",
+        "distribution": args.distribution,
         "init": schedule.init,
         "min_fan_in": schedule.min_fan_in,
         "redistribute": getattr(schedule, "redistribute", "none"),
     }
-    return Plan(schedule, epochs, steps, warm_cosine(args, steps, notes), "erk", False, notes)
+    return Plan(
+        schedule, epochs, steps, warm_cosine(args, steps, notes), args.distribution, False, notes
+    )
 
 
-def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, weight_decay: float = WEIGHT_DECAY) -> torch.optim.Optimizer:
     return torch.optim.SGD(
         model.parameters(),
         lr=TRAIN_LR,
         momentum=MOMENTUM,
         nesterov=True,
-        weight_decay=WEIGHT_DECAY,
+        weight_decay=weight_decay,
     )
 
 
@@ -361,7 +366,7 @@ def run_method(ctx: Context, method: str, sparsity: float, distill: bool = False
     plan = plan_for(method, ctx)
     model = copy.deepcopy(ctx.dense) if plan.from_dense else build_model(ctx.name, seed=ctx.seed)
     train_loader, test_loader = ctx.loaders()
-    optimizer = make_optimizer(model)
+    optimizer = make_optimizer(model, ctx.args.weight_decay)
     holder = CurrentBatch() if method == "rigl" else None
     pruner = sc.Pruner(
         model,
@@ -374,7 +379,7 @@ def run_method(ctx: Context, method: str, sparsity: float, distill: bool = False
         loss_fn=nn.functional.cross_entropy if holder is not None else None,
         calibration_batches=1,
     )
-    notes = dict(plan.notes)
+    notes = dict(plan.notes, weight_decay=ctx.args.weight_decay)
 
     def before_pruner(t: int) -> None:
         if method == "dsd" and t == plan.schedule.last_step():
@@ -754,6 +759,12 @@ def main() -> None:
         "--drop-fraction", type=float, default=DROP_FRACTION, help="SET/RigL: share moved"
     )
     parser.add_argument(
+        "--distribution",
+        choices=DISTRIBUTIONS,
+        default="erk",
+        help="SET/RigL/static: the initial per-layer densities (default: erk)",
+    )
+    parser.add_argument(
         "--sparse-init",
         choices=INIT_RULES,
         default=None,
@@ -791,6 +802,13 @@ def main() -> None:
         default=None,
         help="each method's own training (not the lottery-ticket experiment's): clip the "
         "gradient's norm to this (default: no clip)",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=WEIGHT_DECAY,
+        help=f"each method's own training (the dense model and the lottery-ticket experiment "
+        f"keep {WEIGHT_DECAY}; default: {WEIGHT_DECAY})",
     )
     parser.add_argument("--lth-epochs", type=int, default=2)
     parser.add_argument("--lth-rounds", type=int, default=7)
