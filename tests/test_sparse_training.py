@@ -170,6 +170,26 @@ def test_sparse_init_options_are_checked() -> None:
         RigL(min_fan_in=-2)
 
 
+@pytest.mark.parametrize(
+    ("schedule", "decays"),
+    [
+        (SET(every=1, end=10, fraction=0.4), False),
+        (SET(every=1, end=10, fraction=0.4, decay="cosine"), True),
+        (RigL(every=1, end=10, fraction=0.4), True),
+        (RigL(every=1, end=10, fraction=0.4, decay="constant"), False),
+    ],
+    ids=["set", "set_cosine", "rigl", "rigl_constant"],
+)
+def test_decay_sets_the_share_each_update_moves(schedule: SET, decays: bool) -> None:
+    """SET moves a constant share by default, RigL a cosine-decayed one; ``decay`` swaps them."""
+    shares = [event.fraction for t in (1, 5, 9) for event in schedule.events_at(t, 0.9)]
+    if decays:
+        assert shares == pytest.approx([0.2 * (1 + math.cos(math.pi * t / 10)) for t in (1, 5, 9)])
+    else:
+        assert shares == [0.4, 0.4, 0.4]
+    assert schedule.events_at(10, 0.9) == []
+
+
 def test_lamp_distribution_balances_the_layers_counts() -> None:
     """At 99% on LeNet-5 ERK (floored at 4 inputs per unit) keeps 16 of conv1's 150 weights,
     42 of conv2's 2,400 and 313 of fc1's 48,000; the ``lamp`` start keeps about as many in
@@ -465,6 +485,8 @@ def test_lottery_bad_input() -> None:
         SET(every=0)
     with pytest.raises(sc.ConfigError, match="'normal' is unknown; allowed: erk, uniform, lamp"):
         RigL(distribution="normal")
+    with pytest.raises(sc.ConfigError, match="SET decay 'linear' is unknown; allowed: constant"):
+        SET(decay="linear")
     with pytest.raises(sc.ConfigError, match=">= 1"):
         IHT(sparse=0)
 

@@ -33,6 +33,9 @@ INIT_RULES = ("rescale", "none")
 #: regrows its own) or ``momentum`` (in proportion to the mean optimizer momentum magnitude of
 #: each layer's live weights).
 REDISTRIBUTE_RULES = ("none", "momentum")
+#: How a drop-and-grow schedule's moved fraction changes over its updates: ``constant`` (SET as
+#: published) or ``cosine`` (RigL's ``fraction/2 * (1 + cos(pi * t / end))``).
+DECAY_RULES = ("constant", "cosine")
 #: The per-layer densities a sparse-from-scratch schedule starts from (see :class:`_SparseInit`).
 DISTRIBUTIONS = ("erk", "uniform", "lamp")
 
@@ -343,7 +346,8 @@ class _SparseInit(Schedule):
 @SCHEDULES.register("static")
 @dataclass
 class Static(_SparseInit):
-    """Fixed sparse training: a random sparse initialisation (ERK or uniform) kept throughout."""
+    """Fixed sparse training: a random sparse initialisation (``distribution``: ERK, uniform or
+    LAMP) kept throughout."""
 
 
 @dataclass
@@ -356,12 +360,17 @@ class _SparseFromStart(_SparseInit):
     between layers in proportion to the mean optimizer momentum magnitude of each layer's live
     weights, so the per-layer densities move from the initial distribution to where training
     pulls; the total stays the sparsity asked. It needs an optimizer with momentum.
+
+    ``decay`` (one of :data:`DECAY_RULES`): ``constant`` moves ``fraction`` at every update,
+    ``cosine`` decays it to 0 at ``end``, so the last updates barely disturb a network that has
+    little training left to use what they grow.
     """
 
     every: int = 100
     end: int = 1000
     fraction: float = 0.3
     redistribute: str = "none"
+    decay: str = "constant"
 
     _grow: ClassVar[str] = "random"
     moves_weights = True
@@ -376,8 +385,16 @@ class _SparseFromStart(_SparseInit):
                 f"{type(self).__name__} redistribute {self.redistribute!r} is unknown; "
                 f"allowed: {', '.join(REDISTRIBUTE_RULES)}"
             )
+        if self.decay not in DECAY_RULES:
+            raise ConfigError(
+                f"{type(self).__name__} decay {self.decay!r} is unknown; "
+                f"allowed: {', '.join(DECAY_RULES)}"
+            )
 
     def fraction_at(self, step: int) -> float:
+        """The share of each layer's live weights the update at ``step`` moves."""
+        if self.decay == "cosine":
+            return self.fraction / 2 * (1 + math.cos(math.pi * step / self.end))
         return self.fraction
 
     def events_at(self, step: int, final: float) -> list[Event]:
@@ -396,7 +413,7 @@ class _SparseFromStart(_SparseInit):
 class SET(_SparseFromStart):
     """Sparse Evolutionary Training (Mocanu et al. 2018): every ``every`` steps until ``end``,
     drop ``fraction`` of each layer's live weights with the smallest magnitude and regrow as
-    many at random."""
+    many at random (``decay: cosine`` decays the fraction as RigL does)."""
 
 
 @SCHEDULES.register("rigl")
@@ -404,14 +421,13 @@ class SET(_SparseFromStart):
 class RigL(_SparseFromStart):
     """Rigging the Lottery (Evci et al. 2020): drop by magnitude, regrow where the dense
     gradient is largest. The drop fraction decays as ``fraction/2 * (1 + cos(pi * t / end))``
-    and updates stop at ``end``. The dense gradient is computed on calibration batches only at
-    update steps (the pruner's ``data``); the model otherwise never runs dense."""
+    (``decay: cosine``, the default here) and updates stop at ``end``. The dense gradient is
+    computed on calibration batches only at update steps (the pruner's ``data``); the model
+    otherwise never runs dense."""
 
+    decay: str = "cosine"
     needs_data = True
     _grow = "gradient"
-
-    def fraction_at(self, step: int) -> float:
-        return self.fraction / 2 * (1 + math.cos(math.pi * step / self.end))
 
 
 @SCHEDULES.register("dsd")
