@@ -75,6 +75,7 @@ from secateurs.data import DataBundle, load_fashion_mnist
 from secateurs.metrics import evaluate, profile
 from secateurs.registry import to_spec
 from secateurs.schedules import (
+    DECAY_RULES,
     DISTRIBUTIONS,
     DSD,
     INIT_RULES,
@@ -335,6 +336,8 @@ def plan_for(method: str, ctx: Context) -> Plan:
         init["min_fan_in"] = args.min_fan_in
     if args.redistribute is not None and method != "static":
         init["redistribute"] = args.redistribute
+    if args.decay is not None and method != "static":
+        init["decay"] = args.decay
     schedule = cls(
         every=every, end=end, fraction=args.drop_fraction, distribution=args.distribution, **init
     )
@@ -346,6 +349,7 @@ def plan_for(method: str, ctx: Context) -> Plan:
         "init": schedule.init,
         "min_fan_in": schedule.min_fan_in,
         "redistribute": getattr(schedule, "redistribute", "none"),
+        "decay": getattr(schedule, "decay", "none"),
     }
     return Plan(
         schedule, epochs, steps, warm_cosine(args, steps, notes), args.distribution, False, notes
@@ -757,6 +761,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--drop-fraction", type=float, default=DROP_FRACTION, help="SET/RigL: share moved"
+    )
+    parser.add_argument(
+        "--decay",
+        choices=DECAY_RULES,
+        default=None,
+        help="SET/RigL: how the moved share changes (default: each method's own, SET constant, "
+        "RigL cosine)",
     )
     parser.add_argument(
         "--distribution",
