@@ -61,6 +61,7 @@ import copy
 import math
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,14 +119,20 @@ STYLE = {
 
 
 class CurrentBatch:
-    """RigL's calibration data: the training batch of the current step, and nothing else."""
+    """RigL's calibration data: the training batch of the current step (and, with ``keep`` > 1,
+    the ``keep - 1`` batches before it), nothing else."""
 
-    def __init__(self) -> None:
-        self.batch: tuple[Tensor, Tensor] | None = None
+    def __init__(self, keep: int = 1) -> None:
+        self.recent: deque[tuple[Tensor, Tensor]] = deque(maxlen=keep)
+
+    def add(self, batch: tuple[Tensor, Tensor]) -> None:
+        self.recent.append(batch)
+
+    def examples(self) -> int:
+        return sum(x.shape[0] for x, _ in self.recent)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if self.batch is not None:
-            yield self.batch
+        yield from reversed(self.recent)
 
 
 class FlopCounter:
@@ -212,7 +219,7 @@ def fit(
             batches = iter(loader)
             continue
         if holder is not None:
-            holder.batch = (x, y)
+            holder.add((x, y))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(t)
         out = model(x)
@@ -236,9 +243,8 @@ def fit(
             seen = len(pruner.history)
             acted = pruner.step()
             for event in pruner.history[seen:]:
-                if event.kind == "drop_grow" and holder is not None and holder.batch is not None:
-                    n = holder.batch[0].shape[0] * pruner.calibration_batches
-                    result.flops += n * (2 * forward + counter.dense)
+                if event.kind == "drop_grow" and holder is not None:
+                    result.flops += holder.examples() * (2 * forward + counter.dense)
         if acted or t % SAMPLE_EVERY == 0:
             forward, density = counter.forward(model)
             result.max_density = max(result.max_density, density)
@@ -371,7 +377,7 @@ def run_method(ctx: Context, method: str, sparsity: float, distill: bool = False
     model = copy.deepcopy(ctx.dense) if plan.from_dense else build_model(ctx.name, seed=ctx.seed)
     train_loader, test_loader = ctx.loaders()
     optimizer = make_optimizer(model, ctx.args.weight_decay)
-    holder = CurrentBatch() if method == "rigl" else None
+    holder = CurrentBatch(ctx.args.grow_batches) if method == "rigl" else None
     pruner = sc.Pruner(
         model,
         sparsity=sparsity,
@@ -381,9 +387,11 @@ def run_method(ctx: Context, method: str, sparsity: float, distill: bool = False
         seed=ctx.seed,
         data=holder,
         loss_fn=nn.functional.cross_entropy if holder is not None else None,
-        calibration_batches=1,
+        calibration_batches=ctx.args.grow_batches,
     )
     notes = dict(plan.notes, weight_decay=ctx.args.weight_decay)
+    if holder is not None:
+        notes["grow_batches"] = ctx.args.grow_batches
 
     def before_pruner(t: int) -> None:
         if method == "dsd" and t == plan.schedule.last_step():
@@ -763,6 +771,13 @@ def main() -> None:
         "--drop-fraction", type=float, default=DROP_FRACTION, help="SET/RigL: share moved"
     )
     parser.add_argument(
+        "--grow-batches",
+        type=int,
+        default=1,
+        help="RigL: the dense gradient it grows by is taken over the current training batch and "
+        "the ones before it, this many in all (default: 1, as published)",
+    )
+    parser.add_argument(
         "--decay",
         choices=DECAY_RULES,
         default=None,
@@ -832,6 +847,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny run on a data subset")
     parser.add_argument("--out", default=None, help="JSON path (the plot goes beside it)")
     args = parser.parse_args()
+    if args.grow_batches < 1:
+        parser.error(f"--grow-batches must be at least 1, got {args.grow_batches}")
     torch.set_num_threads(args.threads)
     bundle = load_fashion_mnist()
     if args.quick:
