@@ -287,6 +287,44 @@ def test_grown_weights_start_at_zero_with_fresh_optimizer_state() -> None:
     assert grown_any
 
 
+def test_grow_scale_starts_grown_weights_on_the_layers_own_scale() -> None:
+    """With ``grow_scale`` the weights an update grows start at random, their spread that
+    multiple of the surviving live weights' (checked loosely, on about a hundred draws a
+    layer), and their optimizer state is fresh as with the zero start."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, 8))
+    with torch.no_grad():
+        model[0].weight.mul_(40)  # the first layer on a scale of its own: the draw must follow it
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    schedule = {"name": "set", "every": 4, "end": 100, "fraction": 0.5, "grow_scale": 0.5}
+    pruner = sc.Pruner(model, sparsity=0.8, schedule=schedule, optimizer=opt)
+    pruner.step()
+    _train_steps(model, pruner, opt, 3)
+    x, y = _data()[0]  # step 4 by hand: the optimizer step, then the update on its own
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    raws = {
+        name: model.get_submodule(name.rpartition(".")[0]).parametrizations.weight.original
+        for name in sc.collect_masks(model)
+    }
+    before = sc.collect_masks(model)
+    values_before = {name: raw.detach().clone() for name, raw in raws.items()}
+    pruner.step()
+    scales = []
+    for name, mask in sc.collect_masks(model).items():
+        raw = raws[name].detach()
+        survivors = before[name] & mask & (raw == values_before[name])
+        grown = mask & ~before[name]
+        values = raw[grown]
+        assert values.numel() > 50 and bool((values != 0).all())
+        ratio = float(values.std()) / float(raw[survivors].std())
+        assert 0.35 < ratio < 0.65
+        assert bool((opt.state[raws[name]]["momentum_buffer"][grown] == 0).all())
+        scales.append(float(values.std()))
+    assert scales[0] > 10 * scales[1]  # each layer drew on its own scale
+
+
 def test_rigl_grows_where_the_dense_gradient_is_largest() -> None:
     model = make_mlp()
     data = _data()
@@ -487,6 +525,9 @@ def test_lottery_bad_input() -> None:
         RigL(distribution="normal")
     with pytest.raises(sc.ConfigError, match="SET decay 'linear' is unknown; allowed: constant"):
         SET(decay="linear")
+    for bad in (-0.1, float("nan"), "0.1", True):
+        with pytest.raises(sc.ConfigError, match="RigL grow_scale must be a finite number >= 0"):
+            RigL(grow_scale=bad)
     with pytest.raises(sc.ConfigError, match=">= 1"):
         IHT(sparse=0)
 

@@ -55,6 +55,7 @@ from secateurs.sparse_training import (
     WeightSnapshot,
     drop_and_grow,
     drop_count,
+    random_start,
     rescale_for_kept_fan_in_,
     reset_optimizer_state,
 )
@@ -420,7 +421,7 @@ class Pruner:
         self._record("scale_init", self.measured_sparsity())
 
     def _on_drop_grow(self, event: DropGrow) -> None:
-        self.drop_and_grow(event.fraction, event.grow, event.redistribute)
+        self.drop_and_grow(event.fraction, event.grow, event.redistribute, event.grow_scale)
 
     def _on_densify(self, event: Densify) -> None:
         self.densify()
@@ -446,11 +447,15 @@ class Pruner:
         if record:
             self._record("densify", 0.0)
 
-    def drop_and_grow(self, fraction: float, grow: str, redistribute: str = "none") -> None:
+    def drop_and_grow(
+        self, fraction: float, grow: str, redistribute: str = "none", grow_scale: float = 0.0
+    ) -> None:
         """One SET/RigL update of every target (see :func:`secateurs.sparse_training.drop_and_grow`).
 
         ``redistribute="momentum"`` shares the weights dropped in all layers between them by
-        the mean momentum magnitude of each layer's live weights (:func:`redistribute`)."""
+        the mean momentum magnitude of each layer's live weights (:func:`redistribute`).
+        ``grow_scale``: grown weights start at zero (0) or at random, their standard deviation
+        ``grow_scale`` times that of the layer's surviving live weights."""
         gradients: dict[str, Tensor] = {}
         if grow == "gradient":
             if self.data is None:
@@ -482,9 +487,12 @@ class Pruner:
             )
             updates.append((t, new_mask, grown, mask ^ new_mask | grown))
         changed: dict[int, Tensor] = {}
-        for t, new_mask, grown, moved in updates:
+        for (t, new_mask, grown, moved), mask in zip(updates, masks, strict=True):
             with torch.no_grad():
                 t.raw.masked_fill_(grown.to(t.raw.device), 0)
+                if grow_scale > 0 and bool(grown.any()):
+                    start = random_start(t.raw, mask & new_mask & ~grown, grow_scale, generator)
+                    t.raw.add_(start.to(t.raw.device) * grown.to(t.raw.device))
             set_mask(t.module, t.attr, new_mask)
             changed[id(t.raw)] = moved
         reset_optimizer_state(self.optimizer, changed)

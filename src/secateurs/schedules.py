@@ -72,13 +72,16 @@ class ScaleInit:
 class DropGrow:
     """In every layer, drop the ``fraction`` of live weights with the smallest magnitude and
     grow as many dead ones (``grow="random"``: SET; ``"gradient"``: largest dense-gradient
-    magnitude, RigL). Grown weights start at zero; the sparsity is unchanged.
+    magnitude, RigL). Grown weights start at zero, or with ``grow_scale`` > 0 drawn from a
+    normal distribution whose standard deviation is ``grow_scale`` times that of the layer's
+    live weights; the sparsity is unchanged.
     ``redistribute`` (one of :data:`REDISTRIBUTE_RULES`): ``none``
     regrows in every layer what it dropped; ``momentum`` shares all the drops between layers."""
 
     fraction: float
     grow: str
     redistribute: str = "none"
+    grow_scale: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -364,6 +367,11 @@ class _SparseFromStart(_SparseInit):
     ``decay`` (one of :data:`DECAY_RULES`): ``constant`` moves ``fraction`` at every update,
     ``cosine`` decays it to 0 at ``end``, so the last updates barely disturb a network that has
     little training left to use what they grow.
+
+    ``grow_scale``: grown weights start at zero (0, RigL's choice) or drawn at random with a
+    standard deviation of ``grow_scale`` times that of the layer's live weights (SET as
+    published draws them at random): a random weight feeds its unit at once, where a zero one
+    must first be moved by a gradient that is zero wherever the unit is dead.
     """
 
     every: int = 100
@@ -371,6 +379,7 @@ class _SparseFromStart(_SparseInit):
     fraction: float = 0.3
     redistribute: str = "none"
     decay: str = "constant"
+    grow_scale: float = 0.0
 
     _grow: ClassVar[str] = "random"
     moves_weights = True
@@ -390,6 +399,17 @@ class _SparseFromStart(_SparseInit):
                 f"{type(self).__name__} decay {self.decay!r} is unknown; "
                 f"allowed: {', '.join(DECAY_RULES)}"
             )
+        scale = self.grow_scale
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, int | float)
+            or not math.isfinite(scale)
+            or scale < 0
+        ):
+            raise ConfigError(
+                f"{type(self).__name__} grow_scale must be a finite number >= 0; got {scale!r}"
+            )
+        self.grow_scale = float(scale)
 
     def fraction_at(self, step: int) -> float:
         """The share of each layer's live weights the update at ``step`` moves."""
@@ -402,7 +422,7 @@ class _SparseFromStart(_SparseInit):
             return super().events_at(step, final)
         if step % self.every or step >= self.end:
             return []
-        return [DropGrow(self.fraction_at(step), self._grow, self.redistribute)]
+        return [DropGrow(self.fraction_at(step), self._grow, self.redistribute, self.grow_scale)]
 
     def last_step(self, final: float | None = None) -> int:
         return max(0, ((self.end - 1) // self.every) * self.every)

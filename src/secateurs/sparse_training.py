@@ -75,6 +75,19 @@ def drop_and_grow(
     return (kept | grown).reshape(mask.shape), grown.reshape(mask.shape)
 
 
+def random_start(
+    weight: Tensor, survivors: Tensor, scale: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Random starting values for weights grown in ``weight``: normal draws (on the CPU, in
+    ``weight``'s dtype) with a standard deviation of ``scale`` times that of the ``survivors``
+    (the live weights the update kept), so a grown weight starts on the layer's own scale
+    whatever its width or how far training has moved it; zeros where fewer than two survive."""
+    kept = weight.detach()[survivors.to(device=weight.device, dtype=torch.bool)]
+    std = float(kept.float().std()) if kept.numel() > 1 else 0.0
+    draws = torch.randn(weight.shape, generator=generator)
+    return (draws * (scale * std)).to(weight.dtype)
+
+
 def drop_count(live: int, fraction: float) -> int:
     """The number of a layer's ``live`` weights one update drops: ``floor(fraction * live)``."""
     return int(fraction * live)
