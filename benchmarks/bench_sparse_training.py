@@ -344,6 +344,8 @@ def plan_for(method: str, ctx: Context) -> Plan:
         init["redistribute"] = args.redistribute
     if args.decay is not None and method != "static":
         init["decay"] = args.decay
+    if args.grow_scale is not None and method != "static":
+        init["grow_scale"] = args.grow_scale
     schedule = cls(
         every=every, end=end, fraction=args.drop_fraction, distribution=args.distribution, **init
     )
@@ -356,6 +358,7 @@ def plan_for(method: str, ctx: Context) -> Plan:
         "min_fan_in": schedule.min_fan_in,
         "redistribute": getattr(schedule, "redistribute", "none"),
         "decay": getattr(schedule, "decay", "none"),
+        "grow_scale": getattr(schedule, "grow_scale", 0.0),
     }
     return Plan(
         schedule, epochs, steps, warm_cosine(args, steps, notes), args.distribution, False, notes
@@ -776,6 +779,13 @@ def main() -> None:
         default=1,
         help="RigL: the dense gradient it grows by is taken over the current training batch and "
         "the ones before it, this many in all (default: 1, as published)",
+    )
+    parser.add_argument(
+        "--grow-scale",
+        type=float,
+        default=None,
+        help="SET/RigL: grown weights start at random, this times the std of the layer's live "
+        "weights (default: 0, at zero)",
     )
     parser.add_argument(
         "--decay",
