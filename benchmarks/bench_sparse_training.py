@@ -340,12 +340,10 @@ def plan_for(method: str, ctx: Context) -> Plan:
     init: dict[str, Any] = {} if args.sparse_init is None else {"init": args.sparse_init}
     if args.min_fan_in is not None:
         init["min_fan_in"] = args.min_fan_in
-    if args.redistribute is not None and method != "static":
-        init["redistribute"] = args.redistribute
-    if args.decay is not None and method != "static":
-        init["decay"] = args.decay
-    if args.grow_scale is not None and method != "static":
-        init["grow_scale"] = args.grow_scale
+    if method != "static":  # the drop-and-grow options, where given
+        for key in ("redistribute", "decay", "grow_scale"):
+            if getattr(args, key) is not None:
+                init[key] = getattr(args, key)
     schedule = cls(
         every=every, end=end, fraction=args.drop_fraction, distribution=args.distribution, **init
     )

@@ -7,6 +7,7 @@ its error says the same thing: what the option is, what was given and what is al
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -43,6 +44,14 @@ def check_int(value: object, what: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{what} must be an integer >= {minimum}; got {value!r}")
     return value
+
+
+def check_nonnegative(value: object, what: str, hint: str = "") -> float:
+    """Validate a finite number >= 0 and return it as a float; ``hint`` (e.g. `` (a fraction
+    of ...)``) goes into the error after what is allowed."""
+    if not _is_number(value) or not math.isfinite(value) or value < 0:  # type: ignore[arg-type,operator]
+        raise ConfigError(f"{what} must be a finite number >= 0{hint}; got {value!r}")
+    return float(value)  # type: ignore[arg-type]
 
 
 def check_fraction(value: object, what: str) -> float:

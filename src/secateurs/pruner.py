@@ -488,11 +488,12 @@ class Pruner:
             updates.append((t, new_mask, grown, mask ^ new_mask | grown))
         changed: dict[int, Tensor] = {}
         for (t, new_mask, grown, moved), mask in zip(updates, masks, strict=True):
+            on_device = grown.to(t.raw.device)
             with torch.no_grad():
-                t.raw.masked_fill_(grown.to(t.raw.device), 0)
+                t.raw.masked_fill_(on_device, 0)
                 if grow_scale > 0 and bool(grown.any()):
                     start = random_start(t.raw, mask & new_mask & ~grown, grow_scale, generator)
-                    t.raw.add_(start.to(t.raw.device) * grown.to(t.raw.device))
+                    t.raw.add_(start.to(t.raw.device) * on_device)
             set_mask(t.module, t.attr, new_mask)
             changed[id(t.raw)] = moved
         reset_optimizer_state(self.optimizer, changed)

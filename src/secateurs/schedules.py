@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from secateurs.checks import check_fraction, check_int, check_sparsity
+from secateurs.checks import check_fraction, check_int, check_nonnegative, check_sparsity
 from secateurs.errors import ConfigError
 from secateurs.registry import Registry
 
@@ -399,17 +399,7 @@ class _SparseFromStart(_SparseInit):
                 f"{type(self).__name__} decay {self.decay!r} is unknown; "
                 f"allowed: {', '.join(DECAY_RULES)}"
             )
-        scale = self.grow_scale
-        if (
-            isinstance(scale, bool)
-            or not isinstance(scale, int | float)
-            or not math.isfinite(scale)
-            or scale < 0
-        ):
-            raise ConfigError(
-                f"{type(self).__name__} grow_scale must be a finite number >= 0; got {scale!r}"
-            )
-        self.grow_scale = float(scale)
+        self.grow_scale = check_nonnegative(self.grow_scale, f"{type(self).__name__} grow_scale")
 
     def fraction_at(self, step: int) -> float:
         """The share of each layer's live weights the update at ``step`` moves."""

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from secateurs.checks import check_nonnegative
 from secateurs.distributed import all_reduce_sum_, is_distributed
 from secateurs.errors import ConfigError, ModelError
 
@@ -243,16 +244,7 @@ def _check_pattern(sparsity: float | None, n: int, m: int, in_f: int) -> bool:
 
 
 def _check_dampening(dampening: float) -> None:
-    if (
-        isinstance(dampening, bool)
-        or not isinstance(dampening, int | float)
-        or not math.isfinite(dampening)
-        or dampening < 0
-    ):
-        raise ConfigError(
-            f"dampening must be a finite number >= 0 (a fraction of mean(diag H), e.g. 0.01); "
-            f"got {dampening!r}"
-        )
+    check_nonnegative(dampening, "dampening", " (a fraction of mean(diag H), e.g. 0.01)")
 
 
 def _work_dtype(weight: Tensor, hessian: Tensor) -> torch.dtype:
