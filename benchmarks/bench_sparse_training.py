@@ -340,13 +340,12 @@ def plan_for(method: str, ctx: Context) -> Plan:
     init: dict[str, Any] = {} if args.sparse_init is None else {"init": args.sparse_init}
     if args.min_fan_in is not None:
         init["min_fan_in"] = args.min_fan_in
-    if method != "static":  # the drop-and-grow options, where given
+    if method != "static":  # the drop-and-grow options (static keeps its mask: it takes none)
+        init.update(every=every, end=end, fraction=args.drop_fraction)
         for key in ("redistribute", "decay", "grow_scale"):
             if getattr(args, key) is not None:
                 init[key] = getattr(args, key)
-    schedule = cls(
-        every=every, end=end, fraction=args.drop_fraction, distribution=args.distribution, **init
-    )
+    schedule = cls(distribution=args.distribution, **init)
     notes = {
         "update_every": every,
         "drop_fraction": args.drop_fraction,
