@@ -27,7 +27,7 @@ model's nor the lottery-ticket experiment's below):
 
 Training FLOPs count sparsity, as in the RigL paper: per step ``3 x examples x sum over layers
 of (per-example MACs x density)`` (forward, input gradient, weight gradient), densities sampled
-every 20 steps and after every pruning event, plus RigL's dense-gradient passes
+every 20 steps and after every pruning event, plus RigL's (and ``--set-grow live``'s) dense-gradient passes
 (``2 x sparse + 1 x dense`` per example on update steps) and, with distillation, the dense
 teacher's forward pass. For the methods that start from the dense model the reported total
 includes the dense model's training (``--dense-epochs`` at full density); ``x dense`` divides
@@ -82,6 +82,7 @@ from secateurs.schedules import (
     INIT_RULES,
     REDISTRIBUTE_RULES,
     SET,
+    SET_GROW_RULES,
     Gradual,
     Lottery,
     RigL,
@@ -345,18 +346,24 @@ def plan_for(method: str, ctx: Context) -> Plan:
         for key in ("redistribute", "decay", "grow_scale"):
             if getattr(args, key) is not None:
                 init[key] = getattr(args, key)
+        if method == "set":
+            init["grow"] = args.set_grow
     schedule = cls(distribution=args.distribution, **init)
-    notes = {
-        "update_every": every,
-        "drop_fraction": args.drop_fraction,
-        "updates_until_step": end,
+    notes: dict[str, Any] = {
         "distribution": args.distribution,
         "init": schedule.init,
         "min_fan_in": schedule.min_fan_in,
-        "redistribute": getattr(schedule, "redistribute", "none"),
-        "decay": getattr(schedule, "decay", "none"),
-        "grow_scale": getattr(schedule, "grow_scale", 0.0),
     }
+    if isinstance(schedule, SET | RigL):  # what the updates did (static makes none)
+        notes.update(
+            update_every=every,
+            drop_fraction=args.drop_fraction,
+            updates_until_step=end,
+            redistribute=schedule.redistribute,
+            decay=schedule.decay,
+            grow_scale=schedule.grow_scale,
+            grow=schedule.grow_rule,
+        )
     return Plan(
         schedule, epochs, steps, warm_cosine(args, steps, notes), args.distribution, False, notes
     )
@@ -377,7 +384,8 @@ def run_method(ctx: Context, method: str, sparsity: float, distill: bool = False
     model = copy.deepcopy(ctx.dense) if plan.from_dense else build_model(ctx.name, seed=ctx.seed)
     train_loader, test_loader = ctx.loaders()
     optimizer = make_optimizer(model, ctx.args.weight_decay)
-    holder = CurrentBatch(ctx.args.grow_batches) if method == "rigl" else None
+    reads_gradient = method == "rigl" or (method == "set" and ctx.args.set_grow == "live")
+    holder = CurrentBatch(ctx.args.grow_batches) if reads_gradient else None
     pruner = sc.Pruner(
         model,
         sparsity=sparsity,
@@ -776,6 +784,13 @@ def main() -> None:
         default=1,
         help="RigL: the dense gradient it grows by is taken over the current training batch and "
         "the ones before it, this many in all (default: 1, as published)",
+    )
+    parser.add_argument(
+        "--set-grow",
+        choices=SET_GROW_RULES,
+        default="random",
+        help="SET: where it grows, anywhere dead (random, as published) or at random among the "
+        "positions a gradient reaches (live: reads a dense gradient at updates, counted in FLOPs)",
     )
     parser.add_argument(
         "--grow-scale",

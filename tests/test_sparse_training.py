@@ -107,8 +107,9 @@ def test_erk_min_fan_in_feeds_lenet5s_second_convolution() -> None:
         assert kept_plain["conv2.weight"] == plain_conv2
         assert kept_fed["conv2.weight"] == fed_conv2
         assert abs(sum(kept_fed.values()) - sum(kept_plain.values())) <= len(kept_fed)
-    with pytest.raises(sc.ConfigError, match="min_fan_in"):
-        sc.prune_(plain, sparsity=0.5, allocation={"name": "erk", "min_fan_in": -1})
+    for bad in (-1, math.nan, math.inf, "4", True):
+        with pytest.raises(sc.ConfigError, match="erk min_fan_in must be a finite number >= 0"):
+            sc.prune_(plain, sparsity=0.5, allocation={"name": "erk", "min_fan_in": bad})
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -166,8 +167,9 @@ def test_sparse_initialisation_lets_the_gradient_reach_the_first_layer(
 def test_sparse_init_options_are_checked() -> None:
     with pytest.raises(sc.ConfigError, match="init 'xavier' is unknown; allowed: rescale, none"):
         SET(init="xavier")
-    with pytest.raises(sc.ConfigError, match="min_fan_in"):
-        RigL(min_fan_in=-2)
+    for bad in (-2, math.nan, math.inf):
+        with pytest.raises(sc.ConfigError, match="RigL min_fan_in must be a finite number >= 0"):
+            RigL(min_fan_in=bad)
 
 
 @pytest.mark.parametrize(
@@ -364,6 +366,57 @@ def test_rigl_grows_where_the_dense_gradient_is_largest() -> None:
         assert float(g[grown].min()) >= float(g[~survivors & ~mask].max())
 
 
+def _grown_after_one_update(grow: str, data: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """The positions one SET update (``grow``) newly grows in make_mlp at 80%."""
+    model = make_mlp()
+    schedule = {"name": "set", "every": 1, "end": 10, "fraction": 0.5, "grow": grow}
+    pruner = sc.Pruner(
+        model,
+        sparsity=0.8,
+        schedule=schedule,
+        data=data[:1],
+        loss_fn=nn.functional.cross_entropy,
+        calibration_batches=1,
+        seed=3,
+    )
+    pruner.step()
+    before = sc.collect_masks(model)
+    pruner.step()
+    return {n: m & ~before[n] for n, m in sc.collect_masks(model).items()}
+
+
+def test_set_live_grows_only_where_a_gradient_reaches() -> None:
+    # the first 8 of the 16 inputs are always zero: a weight grown from them never trains
+    data = [(torch.cat([torch.zeros_like(x[:, :8]), x[:, 8:]], 1), y) for x, y in _data()]
+    live = _grown_after_one_update("live", data)
+    anywhere = _grown_after_one_update("random", data)
+    assert bool(live["0.weight"].any())
+    assert not bool(live["0.weight"][:, :8].any())  # none from a silent input
+    assert bool(anywhere["0.weight"][:, :8].any())  # SET as published grows some there
+    # in every layer, each grown position has a nonzero dense gradient (on the plain model)
+    plain = make_mlp()
+    pruner = sc.Pruner(plain, sparsity=0.8, schedule="set", seed=3)
+    pruner.step()  # the same sparse start and rescaling, no update
+    sc.make_permanent_(plain)
+    x, y = data[0]
+    nn.functional.cross_entropy(plain(x), y).backward()
+    for name, grown in live.items():
+        gradient = plain.get_submodule(name.rpartition(".")[0]).weight.grad
+        assert bool((gradient[grown] != 0).all()), name
+
+
+def test_set_grow_is_checked_and_live_needs_data() -> None:
+    with pytest.raises(
+        sc.ConfigError, match="SET grow 'gradient' is unknown; allowed: random, live"
+    ):
+        SET(grow="gradient")
+    assert not SET().needs_data and SET(grow="live").needs_data
+    with pytest.raises(sc.ConfigError, match="SET needs calibration data"):
+        sc.Pruner(make_mlp(), sparsity=0.5, schedule={"name": "set", "grow": "live"})
+    with pytest.raises(sc.ConfigError, match="grow rule 'live' needs the dense gradient"):
+        drop_and_grow(torch.ones(4), torch.ones(4, dtype=torch.bool), 0.5, "live")
+
+
 def test_rigl_needs_data_and_set_needs_elements() -> None:
     with pytest.raises(sc.ConfigError, match="RigL needs calibration data"):
         sc.Pruner(make_mlp(), sparsity=0.5, schedule="rigl")
@@ -377,17 +430,24 @@ def test_rigl_needs_data_and_set_needs_elements() -> None:
     cols=st.integers(1, 30),
     density=st.floats(0.05, 1.0),
     fraction=st.floats(0.01, 0.99),
-    grow=st.sampled_from(["random", "gradient"]),
+    grow=st.sampled_from(["random", "live", "gradient"]),
+    silent=st.floats(0.0, 1.0),
     seed=st.integers(0, 1000),
 )
 def test_drop_and_grow_properties(
-    rows: int, cols: int, density: float, fraction: float, grow: str, seed: int
+    rows: int, cols: int, density: float, fraction: float, grow: str, silent: float, seed: int
 ) -> None:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g)
     mask = torch.rand(rows, cols, generator=g) < density
-    grad = torch.randn(rows, cols, generator=g)
+    grad = torch.randn(rows, cols, generator=g) * (torch.rand(rows, cols, generator=g) >= silent)
     new, grown = drop_and_grow(w, mask, fraction, grow, gradient=grad, generator=g)
+    if grow == "live":  # grown where the gradient is nonzero while such positions remain
+        reached = ~(new & ~grown) & (grad != 0)
+        if int(reached.sum()) >= int(grown.sum()):
+            assert not bool((grown & (grad == 0)).any())
+        else:
+            assert bool(grown[reached].all())
     k = int(fraction * int(mask.sum()))
     assert int(new.sum()) == int(mask.sum())  # the count of live weights is unchanged
     assert int(grown.sum()) == k

@@ -52,6 +52,7 @@ from secateurs.schedules import (
 )
 from secateurs.selection import Selector, compile_selectors
 from secateurs.sparse_training import (
+    GRADIENT_RULES,
     WeightSnapshot,
     drop_and_grow,
     drop_count,
@@ -457,9 +458,11 @@ class Pruner:
         ``grow_scale``: grown weights start at zero (0) or at random, their standard deviation
         ``grow_scale`` times that of the layer's surviving live weights."""
         gradients: dict[str, Tensor] = {}
-        if grow == "gradient":
+        if grow in GRADIENT_RULES:
             if self.data is None:
-                raise ConfigError("growing by gradient needs data= and loss_fn=")
+                raise ConfigError(
+                    f"grow rule {grow!r} reads the dense gradient: pass data= and loss_fn="
+                )
             gradients = dense_gradients(
                 self.model, self.targets, self.data, self.loss_fn, self.calibration_batches
             )

@@ -4,8 +4,9 @@ Schedules say *when* (:mod:`secateurs.schedules`); this module says *how*, for t
 do more than prune further:
 
 * :func:`drop_and_grow`: in one tensor, drop the live weights of smallest magnitude and grow as
-  many dead ones, at random (SET) or where the dense gradient is largest (RigL). The number of
-  live weights is unchanged, so the sparsity stays the one asked, layer by layer.
+  many dead ones, at random (SET), at random among the live connections (those a gradient can
+  reach), or where the dense gradient is largest (RigL). The number of live weights is
+  unchanged, so the sparsity stays the one asked, layer by layer.
 * :func:`redistribute`: how many weights each layer grows when the dropped ones are shared
   between layers instead (sparse momentum, Dettmers & Zettlemoyer 2019): the layers whose
   weights are still moving get more, so the per-layer densities are learnt during training.
@@ -28,7 +29,12 @@ from torch import Tensor, nn
 from secateurs.errors import ConfigError
 from secateurs.masks import iter_masks, raw_parameter
 
-GROW_RULES = ("random", "gradient")
+#: Where a drop-and-grow update grows: ``random`` (anywhere dead, SET as published), ``live``
+#: (at random among the dead positions whose dense gradient is nonzero, then anywhere) or
+#: ``gradient`` (largest dense-gradient magnitude, RigL).
+GROW_RULES = ("random", "live", "gradient")
+#: The grow rules that read the dense gradient (the pruner computes it on its ``data``).
+GRADIENT_RULES = ("live", "gradient")
 
 
 def drop_and_grow(
@@ -45,8 +51,13 @@ def drop_and_grow(
 
     ``k = floor(fraction * live)`` live weights with the smallest ``|weight|`` are dropped (ties
     by position), then ``k`` positions among the dead ones (just-dropped included, as in RigL)
-    are grown: uniformly at random, or by largest ``|gradient|``. ``grow_count`` grows that
-    many instead of ``k`` (at most the dead positions), when layers share their drops.
+    are grown: uniformly at random (``random``), by largest ``|gradient|`` (``gradient``), or
+    (``live``) uniformly at random among the positions whose gradient is nonzero, and only when
+    those run out among the rest. A zero gradient there means the weight's input is always zero
+    or its output unit never gets an error signal (a dead unit, common at 99% sparsity, where
+    most units of a wide layer keep no weights): a weight grown there stays at zero until the
+    next update drops it again, a wasted share of the budget. ``grow_count`` grows that many
+    instead of ``k`` (at most the dead positions), when layers share their drops.
     """
     if grow not in GROW_RULES:
         raise ConfigError(f"grow rule {grow!r} is unknown; allowed: {', '.join(GROW_RULES)}")
@@ -66,8 +77,12 @@ def drop_and_grow(
         score = torch.rand(kept.shape, generator=generator)
     else:
         if gradient is None:
-            raise ConfigError("growing by gradient needs the dense gradient of the tensor")
-        score = gradient.detach().reshape(-1).abs().to(torch.float32).cpu()
+            raise ConfigError(f"grow rule {grow!r} needs the dense gradient of the tensor")
+        dense = gradient.detach().reshape(-1).cpu()
+        if grow == "gradient":
+            score = dense.abs().to(torch.float32)
+        else:  # live: the positions a gradient reaches score in [0, 1), the others in [-1, 0)
+            score = torch.rand(kept.shape, generator=generator) - (dense == 0).to(torch.float32)
     score = torch.where(kept, torch.full_like(score, -float("inf")), score)
     n_grow = min(n_grow, int((~kept).sum()))
     chosen = torch.argsort(score, descending=True, stable=True)[:n_grow]

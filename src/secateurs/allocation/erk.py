@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from secateurs.allocation.base import ALLOCATIONS, Allocation, Pool
-from secateurs.errors import ConfigError
+from secateurs.checks import check_nonnegative
 from secateurs.targets import Target
 
 
@@ -86,9 +86,7 @@ class ERK(Allocation):
     min_fan_in: float = 0.0
 
     def __post_init__(self) -> None:
-        value = self.min_fan_in
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise ConfigError(f"erk min_fan_in must be a number >= 0; got {value!r}")
+        self.min_fan_in = check_nonnegative(self.min_fan_in, "erk min_fan_in")
 
     def pools(self, targets: Sequence[Target], sparsity: float) -> list[Pool]:
         floors = [self.min_fan_in / fan_in(t) for t in targets]
