@@ -297,17 +297,20 @@ def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
                 keep = 0.8
                 variants[round_to] = sc.shrink(model, x1, budget=sc.MACs(keep), round_to=round_to)
         tp_graph_s, t_tp, tp_macs = _tp_pass(model, x1, name)
+        # what is timed: the models as built, or (--fold-bn) as shipped, BatchNorm folded away
+        timed = sc.fold_batchnorm(model) if args.fold_bn else model
+        runs = {r: sc.fold_batchnorm(v) if args.fold_bn else v for r, v in variants.items()}
         lat: dict[str, list[float]] = {"dense_1": [], "dense_big": []}
         for r in variants:
             lat[f"small_1_{r}"], lat[f"small_big_{r}"] = [], []
         for _ in range(args.rounds):
-            lat["dense_1"].append(_latency(model, x1, args.repeats))
-            lat["dense_big"].append(_latency(model, xb, max(3, args.repeats // 4)))
-            for r, small in variants.items():
+            lat["dense_1"].append(_latency(timed, x1, args.repeats))
+            lat["dense_big"].append(_latency(timed, xb, max(3, args.repeats // 4)))
+            for r, small in runs.items():
                 lat[f"small_1_{r}"].append(_latency(small, x1, args.repeats))
                 lat[f"small_big_{r}"].append(_latency(small, xb, max(3, args.repeats // 4)))
         med = {k: statistics.median(v) for k, v in lat.items()}
-        dense_ops = op_breakdown(model, xb, 3) if args.explain else None
+        dense_ops = op_breakdown(timed, xb, 3) if args.explain else None
         for r, small in variants.items():
             report = sc.report_of(small, sc.ShrinkReport)
             small_macs = macs_of(small, x1)
@@ -317,6 +320,7 @@ def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "part": "speed",
                 "model": name,
                 "round_to": r,
+                "fold_bn": args.fold_bn,
                 "input": list(shape),
                 "large_batch": big,
                 "keep": keep,
@@ -344,7 +348,7 @@ def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
             }
             if dense_ops is not None:
                 row["op_ms_dense"] = dense_ops
-                row["op_ms_small"] = op_breakdown(small, xb, 3)
+                row["op_ms_small"] = op_breakdown(runs[r], xb, 3)
             rows.append(row)
             print(
                 f"{name:<13} round_to {r!s:<5} MACs x{reduction:.2f}  graph {graph_s:.2f} s  "
@@ -456,6 +460,12 @@ def main() -> None:
         type=lambda v: None if v == "none" else int(v),
         default=[None],
         help="speed part: shrink once per value (kept widths rounded up; 'none' = exact)",
+    )
+    parser.add_argument(
+        "--fold-bn",
+        action="store_true",
+        help="speed part: time the dense and shrunk models with BatchNorm folded into the "
+        "layers before it (sc.fold_batchnorm), as a CPU deployment ships them",
     )
     parser.add_argument(
         "--explain", action="store_true", help="speed part: profile op time by kind of op"

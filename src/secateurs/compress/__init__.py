@@ -1,5 +1,5 @@
-"""Realization: how a pruned model is stored: sparse formats, weight sharing, linear
-quantization, Huffman coding and the compressed model file."""
+"""Realization: how a pruned model is stored and run: sparse formats and kernels, weight
+sharing, linear quantization, Huffman coding, the compressed model file, BatchNorm folding."""
 
 from secateurs.compress.codec import (
     CompressConfig,
@@ -8,6 +8,7 @@ from secateurs.compress.codec import (
     load_compressed,
     save_compressed,
 )
+from secateurs.compress.fold import fold_batchnorm
 from secateurs.compress.formats import (
     BlockCSR,
     PackedNM,
@@ -66,6 +67,7 @@ __all__ = [
     "factorize_",
     "factorize_conv",
     "factorize_linear",
+    "fold_batchnorm",
     "inspect_compressed",
     "load_compressed",
     "quantize_linear",
