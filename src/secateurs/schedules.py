@@ -443,7 +443,7 @@ class SET(_SparseFromStart):
     ``live`` grows at random among the dead positions whose dense gradient is nonzero, so no
     share of the budget lands on a connection from a silent input or into a dead unit, where
     it would sit at zero until dropped again (at 99% on LeNet-5 SET as published ends with
-    17-20% of its budget exactly zero, ``live`` with 2-4%). ``live`` reads a dense gradient
+    17-20% of its budget exactly zero, ``live`` with 2-6%). ``live`` reads a dense gradient
     on the pruner's ``data`` at each update, as RigL does; the growth itself stays random.
     """
 
