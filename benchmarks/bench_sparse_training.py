@@ -384,8 +384,8 @@ def run_method(ctx: Context, method: str, sparsity: float, distill: bool = False
     model = copy.deepcopy(ctx.dense) if plan.from_dense else build_model(ctx.name, seed=ctx.seed)
     train_loader, test_loader = ctx.loaders()
     optimizer = make_optimizer(model, ctx.args.weight_decay)
-    reads_gradient = method == "rigl" or (method == "set" and ctx.args.set_grow == "live")
-    holder = CurrentBatch(ctx.args.grow_batches) if reads_gradient else None
+    # the recent training batches, for the schedules whose updates read a dense gradient
+    holder = CurrentBatch(ctx.args.grow_batches) if plan.schedule.needs_data else None
     pruner = sc.Pruner(
         model,
         sparsity=sparsity,
