@@ -25,6 +25,11 @@ model's nor the lottery-ticket experiment's below):
     the dense gradient of the current batch is largest);
   - ``static`` (not run by default): the same ERK mask, never moved (the control for SET/RigL).
 
+  With ``--from-gradual-mask`` each of them also runs from gradual's final mask at the same seed
+  and sparsity, its weights re-initialised as its own start (rows ``<method>@gradual``): the
+  lottery-ticket paper's random re-initialisation control, which tells whether what a method
+  lacks against gradual is the mask it finds or the weights gradual inherits from the dense model.
+
 Training FLOPs count sparsity, as in the RigL paper: per step ``3 x examples x sum over layers
 of (per-example MACs x density)`` (forward, input gradient, weight gradient), densities sampled
 every 20 steps and after every pruning event, plus RigL's (and ``--set-grow live``'s) dense-gradient passes
@@ -73,6 +78,7 @@ from torch import Tensor, nn
 import secateurs as sc
 from bench_finegrained import TRAIN_LR, dense_model, sparsity_of, write_results
 from secateurs.data import DataBundle, load_fashion_mnist
+from secateurs.masks import set_mask
 from secateurs.metrics import evaluate, profile
 from secateurs.registry import to_spec
 from secateurs.schedules import (
@@ -89,6 +95,7 @@ from secateurs.schedules import (
     Schedule,
     Static,
 )
+from secateurs.sparse_training import rescale_for_kept_fan_in_
 from secateurs.train import Distillation, TrainConfig, train
 from secateurs.zoo import build_model
 
@@ -195,8 +202,10 @@ def fit(
     before_pruner: Callable[[int], None] | None = None,
     seed: int = 0,
     clip: float | None = None,
+    step_first: bool = True,
 ) -> FitResult:
-    """``steps`` optimizer steps; ``pruner.step()`` once before the first and after each.
+    """``steps`` optimizer steps; ``pruner.step()`` once before the first (unless
+    ``step_first`` is false: the caller has taken step 0) and after each.
 
     ``before_pruner(t)`` runs after optimizer step ``t`` (from 1), before the pruner acts; the
     time it takes (evaluations) is not counted. ``clip``: largest gradient norm (all
@@ -207,7 +216,7 @@ def fit(
     excluded = 0.0
     start = time.perf_counter()
     model.train()
-    if pruner is not None:
+    if pruner is not None and step_first:
         pruner.step()
     forward, density = counter.forward(model)
     result.max_density = density
@@ -348,24 +357,24 @@ def plan_for(method: str, ctx: Context) -> Plan:
                 init[key] = getattr(args, key)
         if method == "set":
             init["grow"] = args.set_grow
-    schedule = cls(distribution=args.distribution, **init)
-    notes: dict[str, Any] = {
+    sparse = cls(distribution=args.distribution, **init)
+    notes = {
         "distribution": args.distribution,
-        "init": schedule.init,
-        "min_fan_in": schedule.min_fan_in,
+        "init": sparse.init,
+        "min_fan_in": sparse.min_fan_in,
     }
-    if isinstance(schedule, SET | RigL):  # what the updates did (static makes none)
+    if isinstance(sparse, SET | RigL):  # what the updates did (static makes none)
         notes.update(
             update_every=every,
             drop_fraction=args.drop_fraction,
             updates_until_step=end,
-            redistribute=schedule.redistribute,
-            decay=schedule.decay,
-            grow_scale=schedule.grow_scale,
-            grow=schedule.grow_rule,
+            redistribute=sparse.redistribute,
+            decay=sparse.decay,
+            grow_scale=sparse.grow_scale,
+            grow=sparse.grow_rule,
         )
     return Plan(
-        schedule, epochs, steps, warm_cosine(args, steps, notes), args.distribution, False, notes
+        sparse, epochs, steps, warm_cosine(args, steps, notes), args.distribution, False, notes
     )
 
 
@@ -379,8 +388,34 @@ def make_optimizer(model: nn.Module, weight_decay: float = WEIGHT_DECAY) -> torc
     )
 
 
-def run_method(ctx: Context, method: str, sparsity: float, distill: bool = False) -> dict[str, Any]:
+def adopt_masks_(pruner: sc.Pruner, masks: dict[str, Tensor], fresh: nn.Module, init: str) -> None:
+    """Replace a sparse-from-scratch start (taken at step 0) by ``masks`` over ``fresh``'s
+    weights, re-scaled for each unit's kept fan-in as the schedule's own start is (``init``):
+    the random re-initialisation of another method's mask."""
+    weights = dict(fresh.named_parameters())
+    with torch.no_grad():
+        for t in pruner.targets:
+            t.raw.copy_(weights[t.name])
+            set_mask(t.module, t.attr, masks[t.name])
+            if init != "none":
+                rescale_for_kept_fan_in_(t.raw, masks[t.name], t.transposed)
+
+
+def run_method(
+    ctx: Context,
+    method: str,
+    sparsity: float,
+    distill: bool = False,
+    *,
+    start_masks: dict[str, Tensor] | None = None,
+    masks_out: dict[str, Tensor] | None = None,
+) -> dict[str, Any]:
+    """One method at one sparsity. ``start_masks`` (sparse-from-scratch methods): start from
+    these masks instead of the schedule's random ones (row labelled ``<method>@gradual``);
+    ``masks_out`` receives the final masks."""
     plan = plan_for(method, ctx)
+    if start_masks is not None and plan.from_dense:
+        raise ValueError(f"{method} starts from the dense model: it takes no start mask")
     model = copy.deepcopy(ctx.dense) if plan.from_dense else build_model(ctx.name, seed=ctx.seed)
     train_loader, test_loader = ctx.loaders()
     optimizer = make_optimizer(model, ctx.args.weight_decay)
@@ -398,6 +433,13 @@ def run_method(ctx: Context, method: str, sparsity: float, distill: bool = False
         calibration_batches=ctx.args.grow_batches,
     )
     notes = dict(plan.notes, weight_decay=ctx.args.weight_decay)
+    if start_masks is not None:  # the schedule's step 0 (its random start), then the given mask
+        pruner.step()
+        init = getattr(plan.schedule, "init", "rescale")
+        adopt_masks_(pruner, start_masks, build_model(ctx.name, seed=ctx.seed), init)
+        notes["start_mask"] = (
+            "gradual's final mask at this seed and sparsity, weights re-initialised"
+        )
     if holder is not None:
         notes["grow_batches"] = ctx.args.grow_batches
 
@@ -427,11 +469,17 @@ def run_method(ctx: Context, method: str, sparsity: float, distill: bool = False
             before_pruner=before_pruner,
             seed=ctx.seed,
             clip=ctx.args.clip_grad,
+            step_first=start_masks is None,
         )
     finally:
         if kd is not None:
             kd.close()
-    kept = {name: int(mask.sum()) for name, mask in sc.collect_masks(model).items()}
+    final_masks = sc.collect_masks(model)
+    if masks_out is not None:
+        masks_out.update({name: mask.clone() for name, mask in final_masks.items()})
+    kept = {name: int(mask.sum()) for name, mask in final_masks.items()}
+    # output units (rows, filters) that keep at least one input: how spread the budget is
+    fed = {name: int(m.reshape(m.shape[0], -1).any(1).sum()) for name, m in final_masks.items()}
     sc.make_permanent_(model)
     accuracy = evaluate(model, test_loader).accuracy
     pretrain_epochs = ctx.args.dense_epochs if plan.from_dense else 0
@@ -442,12 +490,16 @@ def run_method(ctx: Context, method: str, sparsity: float, distill: bool = False
         "kind": "run",
         "model": ctx.name,
         "seed": ctx.seed,
-        "method": method + ("+distill" if distill else ""),
+        "method": method
+        + ("@gradual" if start_masks is not None else "")
+        + ("+distill" if distill else ""),
         "sparsity": sparsity,
         "measured_sparsity": sparsity_of(model),
         "accuracy": accuracy,
         "dense_accuracy": ctx.dense_accuracy,
-        "start": "dense model" if plan.from_dense else "random init",
+        "start": "dense model"
+        if plan.from_dense
+        else ("gradual mask" if start_masks is not None else "random init"),
         "epochs": plan.epochs,
         "pretrain_epochs": pretrain_epochs,
         "total_epochs": total_epochs,
@@ -461,6 +513,7 @@ def run_method(ctx: Context, method: str, sparsity: float, distill: bool = False
         "schedule": to_spec(plan.schedule),
         "allocation": plan.allocation,
         "kept_per_layer": kept,
+        "units_fed_per_layer": fed,
         "notes": notes,
     }
 
@@ -723,6 +776,15 @@ def targets(
             f"{cell(gradual, 'accuracy'):.2%} ({gap:+.2f} pt; within 1 pt: {gap >= -1}); "
             f"RigL's highest density during training {dense_seen:.4f} (never dense: {dense_seen < 0.5})"
         )
+        controls = [
+            m for m in ("static@gradual", "rigl@gradual") if any(r["method"] == m for r in sel)
+        ]
+        for m in controls:  # the random re-initialisation of gradual's mask: mask or weights?
+            acc = cell([r for r in sel if r["method"] == m], "accuracy")
+            print(
+                f"  {m} (gradual's mask, weights re-initialised): {acc:.2%} "
+                f"({(acc - cell(gradual, 'accuracy')) * 100:+.2f} pt vs gradual)"
+            )
     for d in distills:
         print(
             f"  distillation, {d['model']} at {d['sparsity']:.0%} on {d['method']}: "
@@ -858,6 +920,13 @@ def main() -> None:
         help=f"each method's own training (the dense model and the lottery-ticket experiment "
         f"keep {WEIGHT_DECAY}; default: {WEIGHT_DECAY})",
     )
+    parser.add_argument(
+        "--from-gradual-mask",
+        action="store_true",
+        help="each sparse-from-scratch method in --methods also runs from gradual's final mask "
+        "(same seed and sparsity; gradual must be in --methods), weights re-initialised as its "
+        "own start: whether a gap to gradual is the mask or the weights",
+    )
     parser.add_argument("--lth-epochs", type=int, default=2)
     parser.add_argument("--lth-rounds", type=int, default=7)
     parser.add_argument("--skip-lth", action="store_true")
@@ -871,6 +940,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.grow_batches < 1:
         parser.error(f"--grow-batches must be at least 1, got {args.grow_batches}")
+    if args.from_gradual_mask and "gradual" not in args.methods:
+        parser.error("--from-gradual-mask needs gradual in --methods (its masks are the start)")
     torch.set_num_threads(args.threads)
     bundle = load_fashion_mnist()
     if args.quick:
@@ -936,11 +1007,22 @@ def main() -> None:
             )
             # highest sparsity first, then its distillation: a cut-short run keeps what matters
             for i, s in enumerate(sorted(sparsities, reverse=True)):
-                for method in args.methods:
-                    row = run_method(ctx, method, s)
+                gradual_masks: dict[str, Tensor] = {}
+                runs: list[tuple[str, dict[str, Tensor] | None]] = [(m, None) for m in args.methods]
+                if args.from_gradual_mask:  # gradual first, then each sparse method from its mask
+                    runs.sort(key=lambda r: r[0] != "gradual")
+                    runs += [(m, gradual_masks) for m in args.methods if m not in FROM_DENSE]
+                for method, start in runs:
+                    row = run_method(
+                        ctx,
+                        method,
+                        s,
+                        start_masks=start,
+                        masks_out=gradual_masks if method == "gradual" and start is None else None,
+                    )
                     rows.append(row)
                     print(
-                        f"  {s:.2f} {method:<8} {row['accuracy']:.2%} (sparsity "
+                        f"  {s:.2f} {row['method']:<8} {row['accuracy']:.2%} (sparsity "
                         f"{row['measured_sparsity']:.4f}, {row['flops_vs_dense']:.3f}x dense FLOPs, "
                         f"{row['seconds']:.0f} s; {time.perf_counter() - started:.0f} s so far)",
                         flush=True,
