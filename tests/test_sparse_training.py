@@ -17,7 +17,12 @@ from conftest import make_cnn, make_mlp
 from secateurs.allocation import erk_densities
 from secateurs.masks import raw_parameter
 from secateurs.schedules import IHT, SET, Lottery, RigL, Static
-from secateurs.sparse_training import drop_and_grow, redistribute, rescale_for_kept_fan_in_
+from secateurs.sparse_training import (
+    drop_and_grow,
+    random_start,
+    redistribute,
+    rescale_for_kept_fan_in_,
+)
 from secateurs.zoo import build_model
 
 
@@ -325,6 +330,25 @@ def test_grow_scale_starts_grown_weights_on_the_layers_own_scale() -> None:
         assert bool((opt.state[raws[name]]["momentum_buffer"][grown] == 0).all())
         scales.append(float(values.std()))
     assert scales[0] > 10 * scales[1]  # each layer drew on its own scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_random_start_draws_only_the_grown_weights_on_the_survivors_scale(
+    dtype: torch.dtype,
+) -> None:
+    """``random_start`` draws ``count`` values (not one per position of the layer) whose spread
+    is ``scale`` times the survivors', in the weight's dtype; with fewer than two survivors
+    there is no scale to follow and the values are zeros."""
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(300, 400, generator=g) * 3).to(dtype)
+    survivors = torch.rand(300, 400, generator=g) < 0.05
+    values = random_start(weight, survivors, 2000, 0.5, g)
+    assert values.shape == (2000,) and values.dtype == dtype
+    expected = 0.5 * float(weight[survivors].float().std())
+    assert abs(float(values.float().std()) / expected - 1) < 0.1
+    lone = torch.zeros_like(survivors)
+    lone[0, 0] = True
+    assert bool((random_start(weight, lone, 7, 0.5, g) == 0).all())
 
 
 def test_rigl_grows_where_the_dense_gradient_is_largest() -> None:

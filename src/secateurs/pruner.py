@@ -494,9 +494,11 @@ class Pruner:
             on_device = grown.to(t.raw.device)
             with torch.no_grad():
                 t.raw.masked_fill_(on_device, 0)
-                if grow_scale > 0 and bool(grown.any()):
-                    start = random_start(t.raw, mask & new_mask & ~grown, grow_scale, generator)
-                    t.raw.add_(start.to(t.raw.device) * on_device)
+                n_grown = int(grown.sum())
+                if grow_scale > 0 and n_grown:  # zeros filled above: the draws go in their place
+                    survivors = mask & new_mask & ~grown
+                    start = random_start(t.raw, survivors, n_grown, grow_scale, generator)
+                    t.raw.masked_scatter_(on_device, start.to(t.raw.device))
             set_mask(t.module, t.attr, new_mask)
             changed[id(t.raw)] = moved
         reset_optimizer_state(self.optimizer, changed)

@@ -91,15 +91,21 @@ def drop_and_grow(
 
 
 def random_start(
-    weight: Tensor, survivors: Tensor, scale: float, generator: torch.Generator | None = None
+    weight: Tensor,
+    survivors: Tensor,
+    count: int,
+    scale: float,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Random starting values for weights grown in ``weight``: normal draws (on the CPU, in
-    ``weight``'s dtype) with a standard deviation of ``scale`` times that of the ``survivors``
-    (the live weights the update kept), so a grown weight starts on the layer's own scale
-    whatever its width or how far training has moved it; zeros where fewer than two survive."""
+    """``count`` random starting values for weights grown in ``weight``: normal draws (on the
+    CPU, in ``weight``'s dtype) with a standard deviation of ``scale`` times that of the
+    ``survivors`` (the live weights the update kept), so a grown weight starts on the layer's
+    own scale whatever its width or how far training has moved it; zeros where fewer than two
+    survive. Only the grown weights are drawn, not the whole layer (a 99%-sparse layer of an LLM
+    grows a few thousand weights among tens of millions)."""
     kept = weight.detach()[survivors.to(device=weight.device, dtype=torch.bool)]
     std = float(kept.float().std()) if kept.numel() > 1 else 0.0
-    draws = torch.randn(weight.shape, generator=generator)
+    draws = torch.randn(count, generator=generator)
     return (draws * (scale * std)).to(weight.dtype)
 
 
