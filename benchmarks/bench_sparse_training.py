@@ -773,7 +773,7 @@ def targets(
         dense_seen = max(r["max_density_during_method"] for r in rigl)
         print(
             f"  RigL vs gradual, LeNet-300-100 at 99%: {cell(rigl, 'accuracy'):.2%} vs "
-            f"{cell(gradual, 'accuracy'):.2%} ({gap:+.2f} pt; within 1 pt: {gap >= -1}); "
+            f"{cell(gradual, 'accuracy'):.2%} ({gap:+.2f} pt; within 1 pt: {gap >= -1}, level: {gap >= 0}); "
             f"RigL's highest density during training {dense_seen:.4f} (never dense: {dense_seen < 0.5})"
         )
         controls = [
