@@ -43,7 +43,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 import secateurs as sc
-from bench_finegrained import RESULTS, dense_model
+from bench_finegrained import RESULTS, dense_model, machine
 from secateurs.backends import RayBackend
 from secateurs.bench import parse_grid, read_records, run_grid, without_timing
 from secateurs.data import load_fashion_mnist
@@ -245,6 +245,7 @@ def main() -> None:
         "args": recorded,
         "versions": {"torch": torch.__version__, "secateurs": sc.__version__},
         "cpus": os.cpu_count(),
+        "machine": machine(),
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(payload, indent=2))

@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -56,13 +58,34 @@ def dense_model(name: str, seed: int, epochs: int, loaders: Any) -> nn.Module:
     return model
 
 
+def machine() -> dict[str, Any]:
+    """The machine a result was measured on: the same command gives other numbers on another
+    CPU (trained accuracies move by tenths of a point a seed, timings by more), so results from
+    different machines are compared only side by side with a rerun of the baseline."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), ""
+            )
+    except OSError:  # not Linux
+        cpu = platform.processor()
+    return {
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count(),
+    }
+
+
 def write_results(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
-    """The JSON every benchmark here writes: its arguments, its rows and the versions."""
+    """The JSON every benchmark here writes: its arguments, its rows, the versions and the
+    machine."""
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "args": vars(args),
         "rows": rows,
         "versions": {"torch": torch.__version__, "secateurs": sc.__version__},
+        "machine": machine(),
     }
     out.write_text(json.dumps(payload, indent=2))
     print(f"wrote {out}")

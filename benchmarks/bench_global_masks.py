@@ -95,9 +95,14 @@ def main() -> None:
             f"{r['peak_extra_mb_median']:>15.0f}{r['peak_extra_mb_median'] / r['weight_mb']:>11.2f}"
         )
     print(f"secateurs is {summary['speedup_vs_torch_prune']:.1f}x faster than torch.nn.utils.prune")
+    from bench_finegrained import machine  # torch only now: the children measure memory
+
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
-        json.dumps({"rows": rows, "summary": summary, "repeats": args.repeats}, indent=2)
+        json.dumps(
+            {"rows": rows, "summary": summary, "repeats": args.repeats, "machine": machine()},
+            indent=2,
+        )
     )
     print(f"wrote {args.out}")
 
