@@ -101,8 +101,9 @@ def random_start(
     CPU, in ``weight``'s dtype) with a standard deviation of ``scale`` times that of the
     ``survivors`` (the live weights the update kept), so a grown weight starts on the layer's
     own scale whatever its width or how far training has moved it; zeros where fewer than two
-    survive. Only the grown weights are drawn, not the whole layer (a 99%-sparse layer of an LLM
-    grows a few thousand weights among tens of millions)."""
+    survive. Only the grown weights are drawn, not the whole layer (at 99% sparsity an update
+    moving 30% of a 4096 x 11008 projection's live weights grows about 135,000 of its 45 million
+    positions)."""
     kept = weight.detach()[survivors.to(device=weight.device, dtype=torch.bool)]
     std = float(kept.float().std()) if kept.numel() > 1 else 0.0
     draws = torch.randn(count, generator=generator)
