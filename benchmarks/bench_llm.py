@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import save_file
 
 import secateurs as sc
+from bench_finegrained import machine
 from secateurs.lm import english_text, load_smollm2, perplexity, token_windows
 from secateurs.oneshot import OneShotReport, peak_rss_mb
 
@@ -233,6 +234,7 @@ def main() -> None:
             else:
                 row = json.loads(out.stdout.strip().splitlines()[-1])
         row["wall_seconds"] = time.perf_counter() - start
+        row["machine"] = machine()
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{name} {setting}: perplexity {row.get('perplexity')}, "
