@@ -275,6 +275,15 @@ def _speed_model(name: str) -> tuple[nn.Module, torch.Tensor]:
     return build().eval(), torch.randn(1, *shape)
 
 
+def as_shipped(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """What is timed: the model as built, or as a CPU deployment ships it: BatchNorm folded
+    away (``--fold-bn``, a copy) and/or weights in channels-last order (``--channels-last``,
+    in place: the values are unchanged, only their layout), which oneDNN's convolutions read
+    without reordering."""
+    shipped = sc.fold_batchnorm(model) if args.fold_bn else model
+    return shipped.to(memory_format=torch.channels_last) if args.channels_last else shipped
+
+
 def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Per model: the dense model and one shrunk copy per ``--round-to`` value, timed in
     interleaved rounds so all see the same machine load."""
@@ -297,9 +306,10 @@ def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
                 keep = 0.8
                 variants[round_to] = sc.shrink(model, x1, budget=sc.MACs(keep), round_to=round_to)
         tp_graph_s, t_tp, tp_macs = _tp_pass(model, x1, name)
-        # what is timed: the models as built, or (--fold-bn) as shipped, BatchNorm folded away
-        timed = sc.fold_batchnorm(model) if args.fold_bn else model
-        runs = {r: sc.fold_batchnorm(v) if args.fold_bn else v for r, v in variants.items()}
+        timed = as_shipped(model, args)
+        runs = {r: as_shipped(v, args) for r, v in variants.items()}
+        if args.channels_last:  # inputs in the layout the models now read
+            x1, xb = (x.contiguous(memory_format=torch.channels_last) for x in (x1, xb))
         lat: dict[str, list[float]] = {"dense_1": [], "dense_big": []}
         for r in variants:
             lat[f"small_1_{r}"], lat[f"small_big_{r}"] = [], []
@@ -321,6 +331,7 @@ def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "model": name,
                 "round_to": r,
                 "fold_bn": args.fold_bn,
+                "channels_last": args.channels_last,
                 "input": list(shape),
                 "large_batch": big,
                 "keep": keep,
@@ -466,6 +477,12 @@ def main() -> None:
         action="store_true",
         help="speed part: time the dense and shrunk models with BatchNorm folded into the "
         "layers before it (sc.fold_batchnorm), as a CPU deployment ships them",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="speed part: time the dense and shrunk models and their inputs in channels-last "
+        "memory order (torch.channels_last), which oneDNN's convolutions read without reordering",
     )
     parser.add_argument(
         "--explain", action="store_true", help="speed part: profile op time by kind of op"
