@@ -494,8 +494,8 @@ class Pruner:
             on_device = grown.to(t.raw.device)
             with torch.no_grad():
                 t.raw.masked_fill_(on_device, 0)
-                n_grown = int(grown.sum())
-                if grow_scale > 0 and n_grown:  # zeros filled above: the draws go in their place
+                # zeros filled above; with grow_scale the draws go in their place
+                if grow_scale > 0 and (n_grown := int(grown.sum())):
                     survivors = mask & new_mask & ~grown
                     start = random_start(t.raw, survivors, n_grown, grow_scale, generator)
                     t.raw.masked_scatter_(on_device, start.to(t.raw.device))
