@@ -58,20 +58,24 @@ def dense_model(name: str, seed: int, epochs: int, loaders: Any) -> nn.Module:
     return model
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     """The machine a result was measured on: the same command gives other numbers on another
     CPU (trained accuracies move by tenths of a point a seed, timings by more), so results from
     different machines are compared only side by side with a rerun of the baseline."""
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            cpu = next(
-                (ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), ""
-            )
-    except OSError:  # not Linux
-        cpu = platform.processor()
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
     }

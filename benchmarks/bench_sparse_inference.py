@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench_finegrained import cpu_name
 from secateurs.compress.inference import (
     BlockSparseLinear,
     SparseLinear,
@@ -162,19 +163,11 @@ def measure_point(
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "mkl": torch.backends.mkl.is_available(),
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
