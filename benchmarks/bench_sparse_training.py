@@ -1018,7 +1018,7 @@ def main() -> None:
                         method,
                         s,
                         start_masks=start,
-                        masks_out=gradual_masks if method == "gradual" and start is None else None,
+                        masks_out=gradual_masks if method == "gradual" else None,
                     )
                     rows.append(row)
                     print(

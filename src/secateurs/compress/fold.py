@@ -78,12 +78,13 @@ def _fold(
     layer: nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear, norm: _BatchNorm
 ) -> nn.Module | None:
     """``layer`` with ``norm`` folded in, or None when they do not line up: no running
-    statistics, another channel count, a Linear's BatchNorm over more than features."""
+    statistics, another channel count, a Linear's BatchNorm over more than features. Both are
+    modules of the eval-mode traced copy, which is what PyTorch's fusion helpers require."""
     channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     if not norm.track_running_stats or norm.running_mean is None or norm.num_features != channels:
         return None
     if isinstance(layer, nn.Linear):
         if not isinstance(norm, nn.BatchNorm1d):
             return None
-        return fuse_linear_bn_eval(layer.eval(), norm.eval())
-    return fuse_conv_bn_eval(layer.eval(), norm.eval())
+        return fuse_linear_bn_eval(layer, norm)
+    return fuse_conv_bn_eval(layer, norm)
