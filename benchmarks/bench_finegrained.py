@@ -47,8 +47,8 @@ TRAIN_LR = 0.05
 
 def dense_model(name: str, seed: int, epochs: int, loaders: Any) -> nn.Module:
     """Train (or load the cached) dense model for ``name`` and ``seed``."""
-    cache = RESULTS / "cache" / f"{name}-seed{seed}-e{epochs}.safetensors"
-    model = build_model(name, seed=seed)
+    cache = RESULTS / "cache" / f"{name.replace(':', '-')}-seed{seed}-e{epochs}.safetensors"
+    model = build_model(name, seed=seed, in_channels=1)  # Fashion-MNIST's one channel
     if cache.is_file():
         model.load_state_dict(load_file(str(cache)))
         return model

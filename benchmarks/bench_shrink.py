@@ -16,6 +16,10 @@ Torch-Pruning pass on ResNet-50, interleaved rounds; see :func:`time_part`):
     python benchmarks/bench_shrink.py                  # both parts, 3 seeds
     python benchmarks/bench_shrink.py --part speed --models resnet50
     python benchmarks/bench_shrink.py --part speed --round-to none 8 16 --explain
+    python benchmarks/bench_shrink.py --part speed --models mobilenet_v2 --round-to 16 \\
+        --fold-bn --channels-last --include 'features\\.\\d+\\.conv\\.0\\.0'
+    python benchmarks/bench_shrink.py --part accuracy --model torchvision:mobilenet_v2 \\
+        --include 'features\\.\\d+\\.conv\\.0\\.0'    # any zoo or torchvision model
     python benchmarks/bench_shrink.py --quick          # a smoke test of a minute
 """
 
@@ -71,7 +75,12 @@ def secateurs_method(
     is reconstructed (least-squares refit, shrink's default when data is given)."""
 
     def run(
-        model: nn.Module, example: torch.Tensor, keep: float, data: Any = None, **_: Any
+        model: nn.Module,
+        example: torch.Tensor,
+        keep: float,
+        data: Any = None,
+        include: list[str] | None = None,
+        **_: Any,
     ) -> tuple[nn.Module, float]:
         t0 = time.perf_counter()
         small = sc.shrink(
@@ -80,6 +89,7 @@ def secateurs_method(
             budget=sc.MACs(keep),
             criterion=criterion,
             allocation=allocation,
+            include=include,
             data=data if with_data else None,
             loss_fn=nn.functional.cross_entropy if with_data else None,
         )
@@ -171,7 +181,7 @@ def accuracy_part(args: argparse.Namespace) -> list[dict[str, Any]]:
         for name in args.methods:
             calibration = list(itertools.islice(loaders[0], CALIBRATION_BATCHES))
             small, seconds = METHODS[name](
-                copy.deepcopy(dense), example, args.keep, data=calibration
+                copy.deepcopy(dense), example, args.keep, data=calibration, include=args.include
             )
             before = evaluate(small, loaders[1]).accuracy
             train(small, loaders[0], TrainConfig(epochs=args.epochs, lr=TRAIN_LR / 10, seed=seed))
@@ -190,6 +200,7 @@ def accuracy_part(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "params": params_of(small),
                 "prune_seconds": seconds,
                 "finetune_epochs": args.epochs,
+                "include": args.include if name.startswith("secateurs") else None,
             }
             rows.append(row)
             print(
@@ -202,7 +213,7 @@ def accuracy_part(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _quick_dense(name: str, seed: int, loaders: Any, epochs: int) -> nn.Module:
     """A dense model trained on a subset (not cached: the cache holds full-data models)."""
-    model = build_model(name, seed=seed)
+    model = build_model(name, seed=seed, in_channels=1)
     train(model, loaders[0], TrainConfig(epochs=epochs, lr=TRAIN_LR, seed=seed))
     return model
 
@@ -250,6 +261,35 @@ def op_breakdown(model: nn.Module, x: torch.Tensor, runs: int) -> dict[str, floa
     return out
 
 
+#: Key of the floor model among a speed run's timed variants (``--explain``).
+FLOOR = "floor"
+
+
+def floor_model(model: nn.Module, x1: torch.Tensor) -> nn.Module:
+    """``model`` with every prunable channel group cut to its last channel: what is left is
+    the time no channel pruning can remove (per-call costs of every op, layers that are not
+    pruned, the input's and output's own widths)."""
+    return sc.shrink(model, x1, budget=sc.MACs(1.0), allocation={".*": 0.999}, max_ratio=0.999)
+
+
+def floor_fields(
+    med: dict[str, float], small_1: float, small_big: float, reduction: float, floor_macs: float
+) -> dict[str, float]:
+    """The floor's share of the dense time and the shrunk model's fraction of the limit net of
+    it: a model whose dense time is ``floor + rest`` can at best run at ``floor + rest /
+    reduction`` when its MACs fall by ``reduction``. ``floor_macs``: the floor model's MACs as
+    a fraction of the dense model's."""
+    out = {"floor_macs_fraction": floor_macs}
+    for batch, small in (("1", small_1), ("big", small_big)):
+        dense, floor = med[f"dense_{batch}"], med[f"small_{batch}_{FLOOR}"]
+        best = min(floor, dense) + max(dense - floor, 0.0) / reduction
+        suffix = "batch1" if batch == "1" else "large_batch"
+        out[f"floor_ms_{suffix}"] = floor
+        out[f"floor_share_{suffix}"] = floor / dense
+        out[f"floor_adjusted_fraction_{suffix}"] = best / small
+    return out
+
+
 def _tp_pass(model: nn.Module, x1: torch.Tensor, name: str) -> tuple[float | None, ...]:
     """Torch-Pruning's graph build and one prune at ``pruning_ratio=0.3``: (graph s, total s,
     MACs after); Nones when it fails on the model (a result, not a crash)."""
@@ -279,9 +319,19 @@ def as_shipped(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     """What is timed: the model as built, or as a CPU deployment ships it: BatchNorm folded
     away (``--fold-bn``, a copy) and/or weights in channels-last order (``--channels-last``,
     in place: the values are unchanged, only their layout), which oneDNN's convolutions read
-    without reordering."""
+    without reordering, and/or compiled (``--compile``)."""
     shipped = sc.fold_batchnorm(model) if args.fold_bn else model
-    return shipped.to(memory_format=torch.channels_last) if args.channels_last else shipped
+    if args.channels_last:
+        shipped = shipped.to(memory_format=torch.channels_last)
+    if args.compile:
+        # Inductor with frozen weights: the parameters become constants, so oneDNN's
+        # convolutions get pre-packed weights and the activations after them fused in. Each
+        # input shape compiles once, in the timing's untimed warm-up runs.
+        import torch._inductor.config as inductor  # only with --compile
+
+        inductor.freezing = True
+        shipped = torch.compile(shipped, dynamic=False)
+    return shipped
 
 
 def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -300,18 +350,24 @@ def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
         variants: dict[int | None, nn.Module] = {}
         for round_to in args.round_to:
             try:
-                variants[round_to] = sc.shrink(model, x1, budget=sc.MACs(keep), round_to=round_to)
+                variants[round_to] = sc.shrink(
+                    model, x1, budget=sc.MACs(keep), round_to=round_to, include=args.include
+                )
             except sc.BudgetError as exc:
                 print(f"{name}: {exc}", flush=True)
                 keep = 0.8
-                variants[round_to] = sc.shrink(model, x1, budget=sc.MACs(keep), round_to=round_to)
+                variants[round_to] = sc.shrink(
+                    model, x1, budget=sc.MACs(keep), round_to=round_to, include=args.include
+                )
         tp_graph_s, t_tp, tp_macs = _tp_pass(model, x1, name)
         timed = as_shipped(model, args)
-        runs = {r: as_shipped(v, args) for r, v in variants.items()}
+        runs: dict[Any, nn.Module] = {r: as_shipped(v, args) for r, v in variants.items()}
+        if args.explain:  # what no channel cut can remove: every group down to its last channel
+            runs[FLOOR] = as_shipped(floor_model(model, x1), args)
         if args.channels_last:  # inputs in the layout the models now read
             x1, xb = (x.contiguous(memory_format=torch.channels_last) for x in (x1, xb))
         lat: dict[str, list[float]] = {"dense_1": [], "dense_big": []}
-        for r in variants:
+        for r in runs:
             lat[f"small_1_{r}"], lat[f"small_big_{r}"] = [], []
         for _ in range(args.rounds):
             lat["dense_1"].append(_latency(timed, x1, args.repeats))
@@ -332,6 +388,7 @@ def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "round_to": r,
                 "fold_bn": args.fold_bn,
                 "channels_last": args.channels_last,
+                "compiled": args.compile,
                 "input": list(shape),
                 "large_batch": big,
                 "keep": keep,
@@ -360,6 +417,8 @@ def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
             if dense_ops is not None:
                 row["op_ms_dense"] = dense_ops
                 row["op_ms_small"] = op_breakdown(runs[r], xb, 3)
+                floor_macs = macs_of(runs[FLOOR], x1) / dense_macs
+                row.update(floor_fields(med, s1, sb, reduction, floor_macs))
             rows.append(row)
             print(
                 f"{name:<13} round_to {r!s:<5} MACs x{reduction:.2f}  graph {graph_s:.2f} s  "
@@ -371,6 +430,13 @@ def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
                 flush=True,
             )
             if dense_ops is not None:
+                print(
+                    f"    floor (every group at one channel, {row['floor_macs_fraction']:.3f} of "
+                    f"the MACs): {row['floor_share_batch1']:.0%} of the dense time at batch 1, "
+                    f"{row['floor_share_large_batch']:.0%} at batch {big}; of the limit net of "
+                    f"the floor {row['floor_adjusted_fraction_batch1']:.2f} / "
+                    f"{row['floor_adjusted_fraction_large_batch']:.2f}"
+                )
                 print("    op kind      dense ms   small ms   speedup   share of dense")
                 total = sum(dense_ops.values())
                 for kind, ms in dense_ops.items():
@@ -485,7 +551,24 @@ def main() -> None:
         "memory order (torch.channels_last), which oneDNN's convolutions read without reordering",
     )
     parser.add_argument(
-        "--explain", action="store_true", help="speed part: profile op time by kind of op"
+        "--compile",
+        action="store_true",
+        help="speed part: time the dense and shrunk models compiled (torch.compile, Inductor "
+        "with frozen weights), as a CPU server that can afford the compile ships them",
+    )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="speed part: profile op time by kind of op, and time the floor model (every "
+        "channel group cut to one channel: the time no channel pruning removes)",
+    )
+    parser.add_argument(
+        "--include",
+        nargs="+",
+        default=None,
+        help="only these layers (regexes over module names) lose output channels (sc.shrink's "
+        "include; the speed part and the accuracy part's secateurs methods), e.g. "
+        "MobileNetV2's expansion layers 'features\\.\\d+\\.conv\\.0\\.0'",
     )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
