@@ -30,6 +30,7 @@ import copy
 import itertools
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -315,12 +316,42 @@ def _speed_model(name: str) -> tuple[nn.Module, torch.Tensor]:
     return build().eval(), torch.randn(1, *shape)
 
 
-def as_shipped(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+class OnnxRuntimeModel(nn.Module):
+    """A model exported to ONNX (``sc.export_onnx``, checked against PyTorch) and run by
+    onnxruntime's CPU provider on ``threads`` intra-op threads, behind a module's call so the
+    same timer measures it. Inputs and outputs cross as NumPy views of the tensors, no copy."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, threads: int) -> None:
+        super().__init__()
+        import onnxruntime as ort  # only with --runtime onnxruntime
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            sc.export_onnx(model, example, path)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.contiguous().numpy()})
+        return torch.from_numpy(out[0])
+
+
+def as_shipped(model: nn.Module, x1: torch.Tensor, args: argparse.Namespace) -> nn.Module:
     """What is timed: the model as built, or as a CPU deployment ships it: BatchNorm folded
     away (``--fold-bn``, a copy) and/or weights in channels-last order (``--channels-last``,
     in place: the values are unchanged, only their layout), which oneDNN's convolutions read
-    without reordering, and/or compiled (``--compile``)."""
+    without reordering, and/or compiled (``--compile``); or exported to ONNX and run by
+    onnxruntime (``--runtime onnxruntime``, whose graph optimiser folds BatchNorm, fuses
+    activations and picks its own blocked memory layout; ``x1``, the batch-1 input, is what
+    the export traces, with a dynamic batch dimension)."""
     shipped = sc.fold_batchnorm(model) if args.fold_bn else model
+    if args.runtime == "onnxruntime":
+        return OnnxRuntimeModel(shipped, x1, args.threads)
     if args.channels_last:
         shipped = shipped.to(memory_format=torch.channels_last)
     if args.compile:
@@ -360,13 +391,13 @@ def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
                     model, x1, budget=sc.MACs(keep), round_to=round_to, include=args.include
                 )
         tp_graph_s, t_tp, tp_macs = _tp_pass(model, x1, name)
-        timed = as_shipped(model, args)
-        runs: dict[Any, nn.Module] = {r: as_shipped(v, args) for r, v in variants.items()}
+        timed = as_shipped(model, x1, args)
+        runs: dict[Any, nn.Module] = {r: as_shipped(v, x1, args) for r, v in variants.items()}
         floor_macs = 0.0
         if args.explain:  # what no channel cut can remove: every group down to its last channel
             floor = floor_model(model, x1)
             floor_macs = macs_of(floor, x1) / dense_macs  # counted as built, like the variants
-            runs[FLOOR] = as_shipped(floor, args)
+            runs[FLOOR] = as_shipped(floor, x1, args)
         if args.channels_last:  # inputs in the layout the models now read
             x1, xb = (x.contiguous(memory_format=torch.channels_last) for x in (x1, xb))
         lat: dict[str, list[float]] = {"dense_1": [], "dense_big": []}
@@ -379,7 +410,8 @@ def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
                 lat[f"small_1_{r}"].append(_latency(small, x1, args.repeats))
                 lat[f"small_big_{r}"].append(_latency(small, xb, max(3, args.repeats // 4)))
         med = {k: statistics.median(v) for k, v in lat.items()}
-        dense_ops = op_breakdown(timed, xb, 3) if args.explain else None
+        # the profiler sees PyTorch's ops only: no breakdown of an onnxruntime session
+        dense_ops = op_breakdown(timed, xb, 3) if args.explain and args.runtime == "torch" else None
         for r, small in variants.items():
             report = sc.report_of(small, sc.ShrinkReport)
             small_macs = macs_of(small, x1)
@@ -392,6 +424,7 @@ def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "fold_bn": args.fold_bn,
                 "channels_last": args.channels_last,
                 "compiled": args.compile,
+                "runtime": args.runtime,
                 "input": list(shape),
                 "large_batch": big,
                 "keep": keep,
@@ -420,6 +453,7 @@ def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
             if dense_ops is not None:
                 row["op_ms_dense"] = dense_ops
                 row["op_ms_small"] = op_breakdown(runs[r], xb, 3)
+            if args.explain:
                 row.update(floor_fields(med, s1, sb, reduction, floor_macs))
             rows.append(row)
             print(
@@ -431,7 +465,7 @@ def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
                 f"({row['limit_fraction_large_batch']:.2f} of the limit)",
                 flush=True,
             )
-            if dense_ops is not None:
+            if args.explain:
                 print(
                     f"    floor (every group at one channel, {row['floor_macs_fraction']:.3f} of "
                     f"the MACs): {row['floor_share_batch1']:.0%} of the dense time at batch 1, "
@@ -439,6 +473,7 @@ def speed_part(args: argparse.Namespace) -> list[dict[str, Any]]:
                     f"the floor {row['floor_adjusted_fraction_batch1']:.2f} / "
                     f"{row['floor_adjusted_fraction_large_batch']:.2f}"
                 )
+            if dense_ops is not None:
                 print("    op kind      dense ms   small ms   speedup   share of dense")
                 total = sum(dense_ops.values())
                 for kind, ms in dense_ops.items():
@@ -559,6 +594,14 @@ def main() -> None:
         "with frozen weights), as a CPU server that can afford the compile ships them",
     )
     parser.add_argument(
+        "--runtime",
+        choices=["torch", "onnxruntime"],
+        default="torch",
+        help="speed part: time the models in PyTorch, or exported to ONNX (sc.export_onnx) and "
+        "run by onnxruntime's CPU provider with --threads threads (not with --channels-last or "
+        "--compile: onnxruntime chooses its own layout and fusions)",
+    )
+    parser.add_argument(
         "--explain",
         action="store_true",
         help="speed part: profile op time by kind of op, and time the floor model (every "
@@ -574,6 +617,8 @@ def main() -> None:
     )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.runtime == "onnxruntime" and (args.channels_last or args.compile):
+        parser.error("--runtime onnxruntime takes neither --channels-last nor --compile")
     if args.quick:
         args.seeds, args.rounds, args.repeats = args.seeds[:1], 1, 3
         args.models = [m for m in args.models if m in ("vgg-bn", "resnet18")]
