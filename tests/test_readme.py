@@ -87,7 +87,8 @@ def test_the_shrink_program_halves_the_macs_and_the_file_reloads(
     exec(_blocks()[0].split("\n\n")[0], namespace)
     exec(_blocks()[2], namespace)
     report, small, fresh = namespace["report"], namespace["small"], namespace["fresh"]
-    assert 0.49 <= report.macs_after / report.macs_before <= 0.5
+    # widths rounded by group width (round_to="auto") land at most a step below the budget
+    assert 0.45 <= report.macs_after / report.macs_before <= 0.5
     assert sc.profile(fresh, X).totals["macs"] == report.macs_after
     example = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
