@@ -15,7 +15,8 @@ Torch-Pruning pass on ResNet-50, interleaved rounds; see :func:`time_part`):
 
     python benchmarks/bench_shrink.py                  # both parts, 3 seeds
     python benchmarks/bench_shrink.py --part speed --models resnet50
-    python benchmarks/bench_shrink.py --part speed --round-to none 8 16 --explain
+    python benchmarks/bench_shrink.py --part speed --round-to none 8 16 auto --explain
+    python benchmarks/bench_shrink.py --part speed --runtime onnxruntime --fold-bn
     python benchmarks/bench_shrink.py --part speed --models mobilenet_v2 --round-to 16 \\
         --fold-bn --channels-last --include 'features\\.\\d+\\.conv\\.0\\.0'
     python benchmarks/bench_shrink.py --part accuracy --model torchvision:mobilenet_v2 \\
@@ -81,6 +82,7 @@ def secateurs_method(
         keep: float,
         data: Any = None,
         include: list[str] | None = None,
+        round_to: Any = "auto",
         **_: Any,
     ) -> tuple[nn.Module, float]:
         t0 = time.perf_counter()
@@ -91,6 +93,7 @@ def secateurs_method(
             criterion=criterion,
             allocation=allocation,
             include=include,
+            round_to=round_to,
             data=data if with_data else None,
             loss_fn=nn.functional.cross_entropy if with_data else None,
         )
@@ -182,7 +185,12 @@ def accuracy_part(args: argparse.Namespace) -> list[dict[str, Any]]:
         for name in args.methods:
             calibration = list(itertools.islice(loaders[0], CALIBRATION_BATCHES))
             small, seconds = METHODS[name](
-                copy.deepcopy(dense), example, args.keep, data=calibration, include=args.include
+                copy.deepcopy(dense),
+                example,
+                args.keep,
+                data=calibration,
+                include=args.include,
+                round_to=args.round_to[0],
             )
             before = evaluate(small, loaders[1]).accuracy
             train(small, loaders[0], TrainConfig(epochs=args.epochs, lr=TRAIN_LR / 10, seed=seed))
@@ -202,6 +210,7 @@ def accuracy_part(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "prune_seconds": seconds,
                 "finetune_epochs": args.epochs,
                 "include": args.include if name.startswith("secateurs") else None,
+                "round_to": args.round_to[0] if name.startswith("secateurs") else None,
             }
             rows.append(row)
             print(
@@ -270,7 +279,9 @@ def floor_model(model: nn.Module, x1: torch.Tensor) -> nn.Module:
     """``model`` with every prunable channel group cut to its last channel: what is left is
     the time no channel pruning can remove (per-call costs of every op, layers that are not
     pruned, the input's and output's own widths)."""
-    return sc.shrink(model, x1, budget=sc.MACs(1.0), allocation={".*": 0.999}, max_ratio=0.999)
+    return sc.shrink(
+        model, x1, budget=sc.MACs(1.0), allocation={".*": 0.999}, max_ratio=0.999, round_to=None
+    )
 
 
 def floor_fields(
@@ -571,9 +582,11 @@ def main() -> None:
     parser.add_argument(
         "--round-to",
         nargs="+",
-        type=lambda v: None if v == "none" else int(v),
-        default=[None],
-        help="speed part: shrink once per value (kept widths rounded up; 'none' = exact)",
+        type=lambda v: None if v == "none" else v if v == "auto" else int(v),
+        default=["auto"],
+        help="shrink's round_to: the speed part shrinks once per value (kept widths rounded "
+        "up; 'none' = exact; 'auto', shrink's default, by group width); the accuracy part's "
+        "secateurs methods take the first",
     )
     parser.add_argument(
         "--fold-bn",
