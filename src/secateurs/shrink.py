@@ -152,7 +152,7 @@ def round_step(size: int, round_to: RoundTo) -> int:
     below: a step is at most a quarter of the group, so the budget search still has widths to
     choose from. Kept widths that are not multiples of 8 or 16 run slowly in oneDNN's
     convolutions and far worse in onnxruntime's blocked ones (there the four benchmark CNNs cut
-    to half their MACs with exact widths ran 1.4-2.9x slower than with multiples of 16,
+    to half their MACs with exact widths ran 1.4-3.0x slower than with multiples of 16,
     MobileNetV2 and VGG-BN slower than dense)."""
     if round_to == "auto":
         return 16 if size >= 64 else 8 if size >= 32 else 1
@@ -443,8 +443,9 @@ class ShrinkConfig:
       ``None`` (exact widths) or ``"auto"`` (the default; :func:`round_step`: 16 in groups of
       64 channels or more, 8 in groups of 32-63, exact below). At half the MACs, exported to
       onnxruntime, exact widths left ResNet-18/50 at 0.57-0.67 of the speedup the MACs promise
-      and MobileNetV2 slower than dense; multiples of 16 reached 0.88-0.99 (README,
-      structural pruning).
+      and MobileNetV2 slower than dense; multiples of 16 reached 0.92-1.02 on the ResNets
+      (README, structural pruning). ``"auto"`` keeps 32-63-channel groups in multiples of 8,
+      which onnxruntime runs slower than 16 (VGG-BN, MobileNetV2): pass 16 for it there.
     * ``include`` / ``exclude``: which layers may lose output channels (regexes over module
       names, module types or modules; :mod:`secateurs.selection`). Where the time goes is not
       where the MACs are: on torchvision's MobileNetV2, cutting only the expansion layers
