@@ -31,7 +31,6 @@ import copy
 import itertools
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +45,7 @@ import secateurs as sc
 from bench_finegrained import RESULTS, dense_model, write_results
 from secateurs.calibration import CALIBRATION_BATCHES  # the batches shrink reads by default
 from secateurs.data import load_fashion_mnist
+from secateurs.export import onnxruntime_module
 from secateurs.graph import build_graph
 from secateurs.metrics import evaluate, measure_latency, profile
 from secateurs.train import TrainConfig, train
@@ -327,31 +327,6 @@ def _speed_model(name: str) -> tuple[nn.Module, torch.Tensor]:
     return build().eval(), torch.randn(1, *shape)
 
 
-class OnnxRuntimeModel(nn.Module):
-    """A model exported to ONNX (``sc.export_onnx``, checked against PyTorch) and run by
-    onnxruntime's CPU provider on ``threads`` intra-op threads, behind a module's call so the
-    same timer measures it. Inputs and outputs cross as NumPy views of the tensors, no copy."""
-
-    def __init__(self, model: nn.Module, example: torch.Tensor, threads: int) -> None:
-        super().__init__()
-        import onnxruntime as ort  # only with --runtime onnxruntime
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.onnx"
-            sc.export_onnx(model, example, path)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            self.session = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
-        self.input_name = self.session.get_inputs()[0].name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: x.contiguous().numpy()})
-        return torch.from_numpy(out[0])
-
-
 def as_shipped(model: nn.Module, x1: torch.Tensor, args: argparse.Namespace) -> nn.Module:
     """What is timed: the model as built, or as a CPU deployment ships it: BatchNorm folded
     away (``--fold-bn``, a copy) and/or weights in channels-last order (``--channels-last``,
@@ -362,7 +337,7 @@ def as_shipped(model: nn.Module, x1: torch.Tensor, args: argparse.Namespace) -> 
     the export traces, with a dynamic batch dimension)."""
     shipped = sc.fold_batchnorm(model) if args.fold_bn else model
     if args.runtime == "onnxruntime":
-        return OnnxRuntimeModel(shipped, x1, args.threads)
+        return onnxruntime_module(shipped, x1, args.threads)
     if args.channels_last:
         shipped = shipped.to(memory_format=torch.channels_last)
     if args.compile:

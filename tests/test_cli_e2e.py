@@ -143,6 +143,7 @@ def test_run_with_export_writes_a_compressed_file_that_loads(
     out = tmp_path / "run"
     code = run_cli("run", str(REPO / "recipes" / "quick-synthetic.yaml"), "--out", str(out),
                    "--set", "data.limit_train=256", "--set", "data.limit_test=128",
+                   "--set", "output.latency=true",
                    "--set", "export={compressed: true, centroid_epochs: 1, bits: {conv: 4, fc: 3}, onnx: true}")  # fmt: skip
     assert code == 0
     report = json.loads((out / "report.json").read_text())
@@ -153,6 +154,10 @@ def test_run_with_export_writes_a_compressed_file_that_loads(
     assert (out / "model.onnx").is_file() and report["extra"]["export"]["onnx"][
         "max_abs_diff"
     ] < 1e-3
+    # with an ONNX export the run also times both models in onnxruntime and reports it
+    timed = report["extra"]["realised"]["latency_onnxruntime"]
+    assert timed["how"] == "onnxruntime" and timed["dense_ms"] > 0 and timed["pruned_ms"] > 0
+    assert "onnxruntime (ms" in (out / "report.md").read_text()
     model = build_model("lenet-5")
     from secateurs import load_compressed
 

@@ -31,6 +31,7 @@ from secateurs.export import (
     export_onnx,
     export_safetensors,
     load_safetensors,
+    onnxruntime_module,
     read_safetensors_metadata,
 )
 from secateurs.zoo import build_model
@@ -145,6 +146,24 @@ def test_onnx_report_describes_the_file(exported: Exported) -> None:
     data = json.loads(json.dumps(report.to_dict()))
     assert data["path"] == str(report.path)
     assert data["nonzero_weights"] == report.nonzero_weights
+
+
+def test_onnxruntime_module_runs_the_exported_file_like_the_model() -> None:
+    """A shrunk model run by onnxruntime behind a module's call, as the benchmarks and the run
+    report time it: the same outputs as PyTorch at any batch size, the tensors in and out."""
+    torch.manual_seed(0)
+    model = build_model("vgg-bn").eval()
+    small = sc.shrink(model, torch.zeros(1, 1, 28, 28), budget=sc.MACs(0.5))
+    run = onnxruntime_module(small, torch.zeros(1, 1, 28, 28), threads=1)
+    assert run.session.get_session_options().intra_op_num_threads == 1
+    for batch in (1, 5):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            expected = small(x)
+        got = run(x)
+        assert isinstance(got, Tensor) and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert sc.measure_latency(run, torch.zeros(1, 1, 28, 28), repeats=3).median_ms > 0
 
 
 def test_torchvision_resnet18_exports(tmp_path: Path) -> None:

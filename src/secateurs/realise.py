@@ -6,8 +6,9 @@ Counting nonzeros says what pruning could buy; a user holds only what is realise
 lossless unless the recipe asked for weight sharing), loads it into a fresh model and measures
 its accuracy *from the file*, and times the dense model against the pruned one in interleaved
 rounds: with its channels removed when the run shrank it, else with sparse kernels swapped in
-wherever :func:`~secateurs.compress.sparsify_` measured them faster here. A saving that does
-not materialise is said in one line, with the reason.
+wherever :func:`~secateurs.compress.sparsify_` measured them faster here; and, when the run
+exports ONNX, both models again as ONNX files in onnxruntime, where most CPU deployments run
+them. A saving that does not materialise is said in one line, with the reason.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from secateurs.compress import (
     save_compressed,
     sparsify_,
 )
-from secateurs.metrics import compare_latency, evaluate
+from secateurs.export import onnxruntime_module
+from secateurs.metrics import LatencyResult, compare_latency, evaluate
 from secateurs.provenance import report_of
 
 FILE = "model.sct"
@@ -45,13 +47,15 @@ def realise(
     written: Mapping[str, Any] | None = None,
     shrunk: bool = False,
     latency: bool = True,
+    onnx: bool = False,
 ) -> dict[str, Any]:
     """The savings ``model`` (pruned, masks baked in) realises against ``dense``.
 
     ``fresh()`` builds an empty model of the pruned architecture (the file is loaded into
     it); ``written`` is the ``.sct`` file the recipe's export already wrote (its accuracy
-    measured from the file), else one is written losslessly. Returns ``{"file": ...,
-    "latency": ..., "why_not": [...]}`` for the report.
+    measured from the file), else one is written losslessly. ``onnx``: also time both models
+    exported to ONNX in onnxruntime (``"latency_onnxruntime"``; masked zeros run as dense
+    weights there). Returns ``{"file": ..., "latency": ..., "why_not": [...]}`` for the report.
     """
     why_not: list[str] = []
     if written is not None:
@@ -92,18 +96,17 @@ def realise(
             how = f"sparse kernels in {len(replaced)} layer(s)"
     times = compare_latency(candidates, x)
     d, p = times["dense"], times["pruned"]
-    out["latency"] = {
-        "batch": int(x.shape[0]),
-        "how": how,
-        "replaced": replaced,
-        "dense_ms": d.median_ms,
-        "dense_p10_ms": d.p10_ms,
-        "dense_p90_ms": d.p90_ms,
-        "pruned_ms": p.median_ms,
-        "pruned_p10_ms": p.p10_ms,
-        "pruned_p90_ms": p.p90_ms,
-        "threads": p.threads,
-    }
+    out["latency"] = _latency_entry(x, how, d, p) | {"replaced": replaced}
+    if onnx:
+        exported = {k: onnxruntime_module(m, x) for k, m in (("dense", dense), ("pruned", model))}
+        t = compare_latency(exported, x)
+        out["latency_onnxruntime"] = _latency_entry(x, "onnxruntime", t["dense"], t["pruned"])
+        if t["pruned"].median_ms > 0.95 * t["dense"].median_ms:
+            why_not.append(
+                f"latency in onnxruntime: the pruned model did not run measurably faster "
+                f"(median {t['pruned'].median_ms:.3f} ms against {t['dense'].median_ms:.3f} ms)"
+                + ("" if shrunk else "; masked zeros run as dense weights there")
+            )
     if not shrunk and not replaced:
         why_not.append(
             "latency: no layer ran faster with sparse kernels (CSR, block-sparse) than dense on "
@@ -116,3 +119,18 @@ def realise(
             f"against {d.median_ms:.3f} ms)"
         )
     return out
+
+
+def _latency_entry(x: Tensor, how: str, d: LatencyResult, p: LatencyResult) -> dict[str, Any]:
+    """The report's latency entry: medians over interleaved rounds and their spread."""
+    return {
+        "batch": int(x.shape[0]),
+        "how": how,
+        "dense_ms": d.median_ms,
+        "dense_p10_ms": d.p10_ms,
+        "dense_p90_ms": d.p90_ms,
+        "pruned_ms": p.median_ms,
+        "pruned_p10_ms": p.p10_ms,
+        "pruned_p90_ms": p.p90_ms,
+        "threads": p.threads,
+    }

@@ -210,18 +210,17 @@ def realised_rows(extra: Mapping[str, Any]) -> tuple[list[list[str]], list[str]]
             delta = (file["accuracy"] - file["dense_accuracy"]) * 100
             rows.append(["top-1 accuracy, loaded from the file", _pct(file["dense_accuracy"]),
                          _pct(file["accuracy"]), f"{delta:+.2f} pt"])  # fmt: skip
-    speed = realised.get("latency") or {}
-    if _is_num(speed.get("dense_ms")) and _is_num(speed.get("pruned_ms")):
-        spread = (
-            f" ({_num(speed.get('dense_p10_ms'), '.3f')}-{_num(speed.get('dense_p90_ms'), '.3f')})"
-        )
-        spread_p = f" ({_num(speed.get('pruned_p10_ms'), '.3f')}-{_num(speed.get('pruned_p90_ms'), '.3f')})"
-        rows.append([
-            f"latency, batch {speed.get('batch', 1)}, {speed.get('how', '')} (ms, median (p10-p90))",
-            _num(speed["dense_ms"], ".3f") + spread,
-            _num(speed["pruned_ms"], ".3f") + spread_p,
-            _ratio(speed["dense_ms"], speed["pruned_ms"], "faster"),
-        ])  # fmt: skip
+    for key in ("latency", "latency_onnxruntime"):  # PyTorch, then the exported file
+        speed = realised.get(key) or {}
+        if _is_num(speed.get("dense_ms")) and _is_num(speed.get("pruned_ms")):
+            spread = f" ({_num(speed.get('dense_p10_ms'), '.3f')}-{_num(speed.get('dense_p90_ms'), '.3f')})"
+            spread_p = f" ({_num(speed.get('pruned_p10_ms'), '.3f')}-{_num(speed.get('pruned_p90_ms'), '.3f')})"
+            rows.append([
+                f"latency, batch {speed.get('batch', 1)}, {speed.get('how', '')} (ms, median (p10-p90))",
+                _num(speed["dense_ms"], ".3f") + spread,
+                _num(speed["pruned_ms"], ".3f") + spread_p,
+                _ratio(speed["dense_ms"], speed["pruned_ms"], "faster"),
+            ])  # fmt: skip
     return rows, [str(w) for w in realised.get("why_not", [])]
 
 
