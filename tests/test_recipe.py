@@ -21,6 +21,14 @@ def test_defaults_round_trip_through_yaml() -> None:
     assert again == r
 
 
+def test_shrink_round_to_takes_auto_an_int_or_null() -> None:
+    """``round_to``'s named value (``auto``, the default) passes the recipe's type check."""
+    for value in ("auto", 16, None):
+        r = recipe.parse({"shrink": {"budget": {"name": "macs", "keep": 0.5}, "round_to": value}})
+        assert r.shrink is not None and r.shrink.round_to == value
+        assert recipe.parse(yaml.safe_load(recipe.dump(r))) == r
+
+
 def test_method_specs_as_names_and_mappings() -> None:
     r = recipe.parse(
         {
@@ -54,6 +62,8 @@ def test_method_specs_as_names_and_mappings() -> None:
         ({"train": {"lr": "fast"}}, ["train.lr", "fast"]),
         ({"data": {"batch_size": 0}}, ["data.batch_size", "0"]),
         ({"prune": {"sparsity": 0.5, "budget": {"name": "params", "keep": 10}}}, ["budget"]),
+        ({"shrink": {"round_to": "autox"}}, ["shrink.round_to", "autox", "'auto'", "int"]),
+        ({"shrink": {"round_to": 0}}, ["round_to", "0"]),
         ({"model": "lenet-5"}, ["model", "mapping"]),
         (["not", "a", "mapping"], ["mapping"]),
     ],

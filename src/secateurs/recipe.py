@@ -312,6 +312,8 @@ def _type_ok(value: Any, annotation: Any) -> bool:
         return True
     if annotation is type(None):
         return value is None
+    if origin is typing.Literal:  # one of the named values, e.g. round_to: auto
+        return value in typing.get_args(annotation)
     if origin is not None:
         return isinstance(value, origin)
     if annotation is float:
