@@ -6,7 +6,8 @@ The steps are the axes of the design, each a separate piece:
 2. score every channel with a criterion (:func:`secateurs.criteria.channel_scores`);
 3. decide how many channels each group loses: ``uniform`` (the same fraction everywhere) or
    ``global`` (one ranking of scores normalised per group), capped per group by
-   ``max_ratio``, with kept widths rounded up to multiples of ``round_to``;
+   ``max_ratio``, with kept widths rounded up to multiples of ``round_to`` (by default 16 or 8
+   by group width, what CPU kernels run fastest: :func:`round_step`);
 4. search the amount so the budget is met: a channel fraction (:class:`~secateurs.Sparsity`),
    a parameter count (:class:`~secateurs.Params`) or MACs (:class:`~secateurs.MACs`), counted
    from the graph without running the model, by bisection;
