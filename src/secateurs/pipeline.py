@@ -426,7 +426,7 @@ def run(recipe: Recipe, progress: Progress | None = None) -> RunResult:
         written=exported.get("compressed"),
         shrunk=bool(meta.get("channel_plan")),
         latency=recipe.output.latency,
-        onnx=recipe.export.onnx,
+        onnx=exported.get("onnx"),
     )
     for line in realised["why_not"]:
         progress.message(line)

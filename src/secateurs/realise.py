@@ -27,7 +27,7 @@ from secateurs.compress import (
     save_compressed,
     sparsify_,
 )
-from secateurs.export import onnxruntime_module
+from secateurs.export import OnnxRuntimeModule, onnxruntime_module
 from secateurs.metrics import LatencyResult, compare_latency, evaluate
 from secateurs.provenance import report_of
 
@@ -47,15 +47,15 @@ def realise(
     written: Mapping[str, Any] | None = None,
     shrunk: bool = False,
     latency: bool = True,
-    onnx: bool = False,
+    onnx: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The savings ``model`` (pruned, masks baked in) realises against ``dense``.
 
     ``fresh()`` builds an empty model of the pruned architecture (the file is loaded into
     it); ``written`` is the ``.sct`` file the recipe's export already wrote (its accuracy
-    measured from the file), else one is written losslessly. ``onnx``: also time both models
-    exported to ONNX in onnxruntime (``"latency_onnxruntime"``; masked zeros run as dense
-    weights there). Returns ``{"file": ..., "latency": ..., "why_not": [...]}`` for the report.
+    measured from the file), else one is written losslessly. ``onnx`` is the ONNX file the recipe's
+    export wrote (its ``path``): it is timed in onnxruntime against the dense model exported
+    here (``"latency_onnxruntime"``; masked zeros run as dense weights there). Returns ``{"file": ..., "latency": ..., "why_not": [...]}`` for the report.
     """
     why_not: list[str] = []
     if written is not None:
@@ -97,8 +97,11 @@ def realise(
     times = compare_latency(candidates, x)
     d, p = times["dense"], times["pruned"]
     out["latency"] = _latency_entry(x, how, d, p) | {"replaced": replaced}
-    if onnx:
-        exported = {k: onnxruntime_module(m, x) for k, m in (("dense", dense), ("pruned", model))}
+    if onnx is not None:
+        exported = {
+            "dense": onnxruntime_module(dense, x),
+            "pruned": OnnxRuntimeModule(onnx["path"]),
+        }
         t = compare_latency(exported, x)
         out["latency_onnxruntime"] = _latency_entry(x, "onnxruntime", t["dense"], t["pruned"])
         if t["pruned"].median_ms > 0.95 * t["dense"].median_ms:
