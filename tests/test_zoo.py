@@ -58,6 +58,14 @@ def test_vgg_bn_layout_and_width() -> None:
     ]  # fmt: skip
     with pytest.raises(ConfigError, match="width"):
         zoo.build_model("vgg-bn", width=0)
+    custom = zoo.build_model("vgg-bn", channels=(16, 24, 48, 32, 96))
+    assert [c.out_channels for c in custom.modules() if isinstance(c, nn.Conv2d)] == [
+        16, 24, 48, 32, 96,
+    ]  # fmt: skip
+    assert custom(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    for bad in ((16, 24, 48, 32), (16, 24, 48, 32, 0), (16, 24, 48, 32, 9.5)):
+        with pytest.raises(ConfigError, match=r"channels.*5 integers >= 1"):
+            zoo.build_model("vgg-bn", channels=bad)
 
 
 def test_resnet20_layout() -> None:

@@ -9,6 +9,7 @@ downloaded).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -87,20 +88,39 @@ def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     )
 
 
+#: VGG-BN's convolution widths, first to last.
+VGG_CHANNELS = (32, 32, 64, 64, 128)
+
+
 @MODELS.register("vgg-bn")
 class VGGBN(nn.Module):
     """A small VGG: convs 32-32-64-64-128 (3x3, BatchNorm, ReLU), two max-pools, GAP, Linear.
 
     ``width`` scales every conv's channel count (at least 1 channel each), for quick variants
-    and for structured-pruning baselines of a given size. Any input size >= 4x4 works.
+    and for structured-pruning baselines of a given size; ``channels`` sets the five counts
+    outright (the shapes a channel cut can reach, for timing them). Any input size >= 4x4 works.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        width: float = 1.0,
+        channels: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
         if not width > 0:
             raise ConfigError(f"vgg-bn: width = {width!r} is invalid; must be a number > 0")
+        if channels is not None and (
+            len(channels) != len(VGG_CHANNELS)
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in channels)
+        ):
+            raise ConfigError(
+                f"vgg-bn: channels = {channels!r} is invalid; must be {len(VGG_CHANNELS)} "
+                "integers >= 1, one per convolution"
+            )
         self.input_shape = (in_channels, 28, 28)
-        c = [max(1, round(w * width)) for w in (32, 32, 64, 64, 128)]
+        c = list(channels or (max(1, round(w * width)) for w in VGG_CHANNELS))
         self.features = nn.Sequential(
             _conv_bn(in_channels, c[0]), _conv_bn(c[0], c[1]), nn.MaxPool2d(2),
             _conv_bn(c[1], c[2]), _conv_bn(c[2], c[3]), nn.MaxPool2d(2),
@@ -222,8 +242,9 @@ def build_model(
 
     ``in_channels`` defaults to the architecture's own (1 for the zoo, 3 for torchvision); a
     torchvision model asked for another count gets its first convolution replaced to match.
-    ``options`` are the architecture's extra arguments (``width=`` for ``vgg-bn``). If ``seed``
-    is given, ``torch.manual_seed(seed)`` runs first, so the same seed gives the same weights.
+    ``options`` are the architecture's extra arguments (``width=`` or ``channels=`` for
+    ``vgg-bn``). If ``seed`` is given, ``torch.manual_seed(seed)`` runs first, so the same seed
+    gives the same weights.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes = {num_classes!r} is invalid; must be an integer >= 1")
