@@ -48,7 +48,7 @@ from secateurs.data import load_fashion_mnist
 from secateurs.export import onnxruntime_module
 from secateurs.graph import build_graph
 from secateurs.metrics import evaluate, measure_latency, profile
-from secateurs.train import TrainConfig, train
+from secateurs.train import Distillation, TrainConfig, train
 from secateurs.zoo import build_model
 
 TRAIN_LR = 0.05
@@ -193,7 +193,7 @@ def accuracy_part(args: argparse.Namespace) -> list[dict[str, Any]]:
                 round_to=args.round_to[0],
             )
             before = evaluate(small, loaders[1]).accuracy
-            train(small, loaders[0], TrainConfig(epochs=args.epochs, lr=TRAIN_LR / 10, seed=seed))
+            finetune(small, dense, example, loaders[0], seed, args)
             after = evaluate(small, loaders[1]).accuracy
             row = {
                 "part": "accuracy",
@@ -211,6 +211,7 @@ def accuracy_part(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "finetune_epochs": args.epochs,
                 "include": args.include if name.startswith("secateurs") else None,
                 "round_to": args.round_to[0] if name.startswith("secateurs") else None,
+                "distill_temperature": args.distill,
             }
             rows.append(row)
             print(
@@ -219,6 +220,26 @@ def accuracy_part(args: argparse.Namespace) -> list[dict[str, Any]]:
                 flush=True,
             )
     return rows
+
+
+def finetune(
+    small: nn.Module,
+    dense: nn.Module,
+    example: torch.Tensor,
+    loader: Any,
+    seed: int,
+    args: argparse.Namespace,
+) -> None:
+    """The fine-tuning every method gets alike: ``args.epochs`` epochs at a tenth of the
+    training rate (cosine to 0), on the task loss, or with ``--distill T`` on Hinton's
+    distillation loss from the dense model as well (temperature T, ``Distillation``'s alpha)."""
+    config = TrainConfig(epochs=args.epochs, lr=TRAIN_LR / 10, seed=seed)
+    if args.distill is None:
+        train(small, loader, config)
+        return
+    teacher = copy.deepcopy(dense).eval()
+    with Distillation(temperature=args.distill).bind(teacher, small, example) as kd:
+        train(small, loader, config, loss_terms=[kd])
 
 
 def _quick_dense(name: str, seed: int, loaders: Any, epochs: int) -> nn.Module:
@@ -602,6 +623,14 @@ def main() -> None:
         help="only these layers (regexes over module names) lose output channels (sc.shrink's "
         "include; the speed part and the accuracy part's secateurs methods), e.g. "
         "MobileNetV2's expansion layers 'features\\.\\d+\\.conv\\.0\\.0'",
+    )
+    parser.add_argument(
+        "--distill",
+        type=float,
+        default=None,
+        metavar="T",
+        help="accuracy part: every method's fine-tuning also distils the dense model "
+        "(temperature T, alpha 0.9); default: the task loss alone",
     )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
