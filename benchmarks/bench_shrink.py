@@ -55,7 +55,7 @@ TRAIN_LR = 0.05
 
 
 def macs_of(model: nn.Module, example: torch.Tensor) -> int:
-    return int(profile(model, example).totals["macs"])
+    return int(profile(model, example).totals["macs"] or 0)
 
 
 def params_of(model: nn.Module) -> int:
@@ -125,12 +125,12 @@ def torch_pruning_method(
     def run(
         model: nn.Module, example: torch.Tensor, keep: float, **_: Any
     ) -> tuple[nn.Module, float]:
-        dense = macs_of(model, example)
+        dense_macs = macs_of(model, example)
         lo, hi = 0.0, 0.95
-        for _ in range(12):
+        for _bisection in range(12):
             mid = (lo + hi) / 2
             trial = _tp_prune(copy.deepcopy(model), example, make_importance(), mid, global_pruning)
-            if macs_of(trial, example) <= keep * dense:
+            if macs_of(trial, example) <= keep * dense_macs:
                 hi = mid
             else:
                 lo = mid

@@ -88,7 +88,8 @@ def main() -> None:
     x1, xb = torch.randn(1, *SHAPE), torch.randn(BIG, *SHAPE)
     dense = build_model("vgg-bn", seed=0).eval()
     dense_macs = macs_of(dense, x1)
-    configs = candidates(args.fractions, *args.keep_range, x1)
+    lo, hi = args.keep_range
+    configs = candidates(args.fractions, lo, hi, x1)
     plans: dict[tuple[int, ...], list[str]] = {}
     for r in args.round_to:
         small = sc.shrink(dense, x1, budget=sc.MACs(args.keep), round_to=r)
