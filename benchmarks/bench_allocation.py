@@ -165,6 +165,11 @@ ELEMENT_METHODS: dict[str, Method] = {
 }
 
 
+def _ratio(num: int | None, den: int | None) -> str:
+    """``num`` as a fraction of ``den``, for printing ("-" when either was not counted)."""
+    return "-" if num is None or not den else f"{num / den:.3f}"
+
+
 def run_part(args: argparse.Namespace, part: str) -> list[dict[str, Any]]:
     model_name, epochs = ("vgg-bn", 4) if part == "vgg" else ("lenet-5", 10)
     methods = CHANNEL_METHODS if part == "vgg" else ELEMENT_METHODS
@@ -233,8 +238,8 @@ def run_part(args: argparse.Namespace, part: str) -> list[dict[str, Any]]:
             }
             rows.append(row)
             print(
-                f"  {name:<14} {before:7.2%} -> {after:7.2%}  MACs {stats['macs'] / dense_stats['macs']:.3f}"
-                f"  nonzeros {stats['nonzeros'] / dense_stats['nonzeros']:.3f}"
+                f"  {name:<14} {before:7.2%} -> {after:7.2%}  MACs {_ratio(stats['macs'], dense_stats['macs'])}"
+                f"  nonzeros {_ratio(stats['nonzeros'], dense_stats['nonzeros'])}"
                 f"  latency {ms.median_ms:6.2f} ms (dense {dense_ms.median_ms:.2f})"
                 f"  search {seconds:7.1f} s",
                 flush=True,
@@ -425,8 +430,8 @@ def main() -> None:
     if args.quick:
         args.seeds, args.amc_episodes, args.repeats = args.seeds[:1], 6, 3
     torch.set_num_threads(args.threads)
-    parts = {"timing": timing_part, "latency": latency_part, "plot": plot_part}
-    rows = parts[args.part](args) if args.part in parts else run_part(args, args.part)
+    own = {"timing": timing_part, "latency": latency_part, "plot": plot_part}
+    rows = own[args.part](args) if args.part in own else run_part(args, args.part)
     summarise(rows)
     suffix = "_quick" if args.quick else ""
     out = Path(args.out) if args.out else RESULTS / f"allocation_{args.part}{suffix}.json"

@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 CHILD = r"""
 import json, resource, sys, time
@@ -66,7 +67,7 @@ def main() -> None:
         "--out", default=str(Path(__file__).parent / "results" / "global_masks.json")
     )
     args = parser.parse_args()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for method in ("secateurs", "torch.nn.utils.prune"):
         runs = [run_once(method, args.layers, args.threads) for _ in range(args.repeats)]
         rows.append(

@@ -42,10 +42,12 @@ from bench_finegrained import cpu_name
 from secateurs.compress.inference import (
     BlockSparseLinear,
     SparseLinear,
+    SparsifyReport,
     choose_block,
     sparsify_,
 )
 from secateurs.errors import ModelError
+from secateurs.provenance import report_of
 
 RESULTS = Path(__file__).parent / "results"
 FULL = {
@@ -138,8 +140,8 @@ def measure_point(
     timing = time_interleaved(calls, args.warmup, args.repeats)
 
     model = nn.Sequential(copy.deepcopy(dense))
-    report = sparsify_(model, x, repeats=args.auto_repeats, warmup=args.warmup)
-    choice = report.layers[0]
+    sparsify_(model, x, repeats=args.auto_repeats, warmup=args.warmup)
+    choice = report_of(model, SparsifyReport).layers[0]
     dense_ms = timing["dense"]["median_ms"]
     speedup = {k: dense_ms / v["median_ms"] for k, v in timing.items()}
     auto_speedup = 1.0 if choice.chosen == "dense" else speedup[choice.chosen]
