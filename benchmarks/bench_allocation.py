@@ -110,7 +110,7 @@ def _channel_search(spec: dict[str, Any], budget: sc.Budget | None = None) -> Me
 
 def _summary(found: sc.SearchResult) -> dict[str, Any]:
     return {
-        "ratios": found.ratios,
+        "ratios": dict(found.ratios),  # a LayerMap: its entries, for the JSON
         "value": found.value,
         "limit": found.limit,
         "unit": found.unit,
